@@ -1,0 +1,358 @@
+"""One typed configuration schema, loaded from YAML, with ``key.sub=value`` overrides.
+
+Every field has a type, a default and a one-line meaning (the comment beside it). Bad input stops the
+run before any work with one :class:`ConfigError` line that names the key, the value and what is
+allowed; ``dist-sparse`` prints that line and exits with status 2.
+
+Example::
+
+    cfg = load_config("configs/tiny_resnet20_dense.yaml", ["optim.lr=0.05", "run.epochs=2"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "parse_overrides"]
+
+
+class ConfigError(ValueError):
+    """A bad config value; ``str(err)`` is the one line shown to the user."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config error: {key} = {value!r} is not allowed; expected {allowed}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Schema
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run name; the run directory is output_dir/name
+    output_dir: str = "runs"  # parent directory of run directories
+    seed: int = 0  # global seed (model init, data order, augmentation, method randomness)
+    epochs: int = 1  # number of training epochs
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: epochs decide)
+    num_processes: int = 0  # expected world size; the run refuses to start on another (0: any)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype (bf16 works on CPU)
+    deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuDNN settings
+    channels_last: bool = False  # memory format for conv nets (faster on CPU and GPU)
+    eval_every_epochs: int = 1  # evaluate every N epochs (and always at the end)
+    eval_batch_size: int = 0  # global batch for evaluation (0: same as data.batch_size)
+    threads: int = 0  # torch intra-op threads per process (0: leave torch's default)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"  # registered model name (see `dist-sparse models`)
+    num_classes: Optional[int] = None  # output classes (None: taken from the data set)
+    in_chans: Optional[int] = None  # input channels (None: taken from the data set)
+    img_size: Optional[int] = None  # input side in pixels (None: taken from the data set)
+    width_mult: Optional[float] = None  # channel width multiplier (ResNets)
+    stem: Optional[Literal["cifar", "imagenet"]] = None  # ResNet-18/34/50 stem (cifar: 3x3 conv, no max-pool)
+    norm: Optional[Literal["bn", "gn", "none"]] = None  # normalization layer (gn/none for exact rank invariance)
+    drop_path_rate: Optional[float] = None  # stochastic depth (DeiT)
+    extra: dict = field(default_factory=dict)  # further keyword arguments for the model's entry function
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # data set: fashion_mnist, image_folder, hf_image, ding_de_en, parallel_text, copy, reverse
+    root: str = ""  # directory of the data ('' = the default place; $DIST_SPARSE_DATA overrides it)
+    batch_size: int = 128  # GLOBAL batch per optimizer micro-step, split evenly across processes
+    num_workers: int = 0  # DataLoader workers per process
+    augment: bool = True  # random crop with padding + horizontal flip (images)
+    crop_padding: int = 2  # padding of the random crop, pixels
+    hflip: bool = True  # random horizontal flip
+    train_subset: int = 0  # use only the first N training samples (0: all) - for tests and demos
+    val_subset: int = 0  # use only the first N validation samples (0: all)
+    max_tokens: int = 4096  # translation: tokens (source + target) per global batch, bucketed by length
+    vocab_size: int = 8000  # translation: joint sentencepiece vocabulary size
+    max_len: int = 128  # translation: drop pairs longer than this many pieces
+    extra: dict = field(default_factory=dict)  # data-set specific options
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw", "adam"] = "sgd"  # optimizer
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # SGD Nesterov momentum
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # Adam(W) betas
+    eps: float = 1e-8  # Adam(W) epsilon
+    weight_decay: float = 5e-4  # weight decay (decoupled for AdamW)
+    decay_norm_and_bias: bool = False  # also decay norm weights and biases (off: the usual recipe)
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0: off)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    label_smoothing: float = 0.0  # label smoothing of the cross-entropy loss
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "step", "constant", "inverse_sqrt"] = "cosine"  # learning-rate schedule
+    warmup_steps: int = 0  # linear warm-up in optimizer steps (takes precedence over warmup_epochs)
+    warmup_epochs: float = 0.0  # linear warm-up in epochs
+    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of the peak
+    milestones: list = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training where lr drops
+    gamma: float = 0.1  # step: factor at each milestone
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # save every N optimizer steps (0: off)
+    every_epoch: bool = True  # save at the end of every epoch
+    keep_last: int = 2  # keep the newest K checkpoints
+    resume: str = "never"  # never | auto (newest complete checkpoint of the run) | a checkpoint path
+    dir: str = ""  # checkpoint directory ('' = <run dir>/checkpoints)
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True  # tqdm bar on rank 0
+    log_every_steps: int = 50  # a JSONL line of train metrics every N optimizer steps (0: epoch lines only)
+    tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
+    rank_logs: bool = False  # every rank writes its own debug log rank<k>.log in the run directory
+    plots: bool = True  # write the method's plots (PNG) at the end
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    method: Any = None  # a MethodConfig subclass chosen by method.name (dense when absent)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run.output_dir, self.run.name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list or tp is list:
+        return "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(key, value, _type_name(tp))
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(key, value, _type_name(tp))
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "true/false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "a string")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, "a list")
+        return list(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from mapping ``data``; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, data, "a mapping of " + ", ".join(f.name for f in dataclasses.fields(cls)))
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(full, value, "a known key of " + (prefix or "the config") + ": " + ", ".join(names))
+        kwargs[key] = _coerce(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(key, value, allowed)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks and names that depend on registries; raises ConfigError on the first problem."""
+    from .models import model_names
+
+    r, m, d, o, s, c = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.checkpoint
+    _check(r.epochs >= 1, "run.epochs", r.epochs, "an integer >= 1")
+    _check(r.max_steps >= 0, "run.max_steps", r.max_steps, "an integer >= 0")
+    _check(r.num_processes >= 0, "run.num_processes", r.num_processes, "an integer >= 0 (0: any)")
+    _check(r.eval_every_epochs >= 1, "run.eval_every_epochs", r.eval_every_epochs, "an integer >= 1")
+    _check(r.eval_batch_size >= 0, "run.eval_batch_size", r.eval_batch_size, "an integer >= 0")
+    _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
+    names = model_names()
+    _check(m.name in names, "model.name", m.name, "one of " + ", ".join(names))
+    _check(m.width_mult is None or m.width_mult > 0, "model.width_mult", m.width_mult, "a number > 0")
+    from .data import dataset_names
+
+    dnames = dataset_names()
+    _check(d.name in dnames, "data.name", d.name, "one of " + ", ".join(dnames))
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _check(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "an integer >= 0")
+    _check(d.train_subset >= 0, "data.train_subset", d.train_subset, "an integer >= 0")
+    _check(d.val_subset >= 0, "data.val_subset", d.val_subset, "an integer >= 0")
+    _check(d.max_tokens >= 16, "data.max_tokens", d.max_tokens, "an integer >= 16")
+    _check(d.vocab_size >= 16, "data.vocab_size", d.vocab_size, "an integer >= 16")
+    _check(d.root == "" or os.path.exists(d.root), "data.root", d.root, "an existing directory or file")
+    _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0: off)")
+    _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "an integer >= 1")
+    _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "a number in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "a number > 0")
+    _check(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
+           "optim.betas", o.betas, "two numbers in [0, 1)")
+    _check(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "an integer >= 0")
+    _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
+    _check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "a number in [0, 1]")
+    _check(all(isinstance(x, (int, float)) and 0 < x < 1 for x in s.milestones), "schedule.milestones",
+           s.milestones, "a list of fractions of training in (0, 1)")
+    _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "a number in (0, 1]")
+    _check(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "an integer >= 0 (0: off)")
+    _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "an integer >= 1")
+    _check(c.resume in ("never", "auto") or os.path.exists(c.resume), "checkpoint.resume", c.resume,
+           "never, auto or the path of an existing checkpoint")
+    check = getattr(cfg.method, "validate", None)
+    if callable(check):
+        check()
+
+
+def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
+    """Helper for method configs' ``validate()``: raise ConfigError(key, value, allowed) unless ok."""
+    _check(ok, key, value, allowed)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a :class:`Config` from a plain mapping (as read from YAML)."""
+    from .methods import method_config_class, method_names
+
+    if not isinstance(data, dict):
+        raise ConfigError("<config>", data, "a YAML mapping with sections " + ", ".join(
+            f.name for f in dataclasses.fields(Config)))
+    data = dict(data)
+    method_data = data.pop("method", None) or {}
+    if not isinstance(method_data, dict):
+        raise ConfigError("method", method_data, "a mapping with at least 'name'")
+    cfg = build_dataclass(Config, data, "")
+    mname = method_data.get("name", "dense")
+    known = method_names()
+    if mname not in known:
+        raise ConfigError("method.name", mname, "one of " + ", ".join(known))
+    cfg.method = build_dataclass(method_config_class(mname), method_data, "method")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (what the run directory stores as config.yaml)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["optim.lr=0.05", "run.name=x"]`` -> ``[("optim.lr", 0.05), ("run.name", "x")]`` (YAML values)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("<override>", item, "key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+def _apply_override(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), nxt, "a mapping (to set " + key + ")")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML ``path`` (or start from defaults when None), apply overrides, build and validate."""
+    data: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError("--config", path, "the path of an existing YAML file (see configs/)")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                first = str(err).splitlines()[0]
+                raise ConfigError("--config", path, f"valid YAML ({first})") from None
+    for key, value in parse_overrides(overrides or []):
+        _apply_override(data, key, value)
+    return config_from_dict(data)

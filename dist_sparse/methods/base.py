@@ -42,12 +42,16 @@ class MethodConfig:
 class Rebuild:
     """Returned by :meth:`Method.on_epoch_end` when the architecture changed.
 
-    The trainer gathers the full state, calls ``surgery(unwrapped_model)`` (a pure function that
-    returns the new plain ``nn.Module``), then re-creates the optimizer and scheduler and re-prepares
-    everything under the same backend. ``reason`` is logged.
+    The trainer gathers the full weights into a plain copy of the current architecture (built with
+    ``prepare`` from the method's current state), calls ``surgery(plain_model)`` on rank 0 (a pure
+    function returning the new plain ``nn.Module``), then calls ``commit()`` on every rank (the
+    method switches its state so that ``prepare`` now builds the new architecture), builds the new
+    architecture, loads rank 0's new weights into it (strict), and re-creates and re-prepares the
+    optimizer and scheduler under the same backend. ``reason`` is logged and kept in checkpoints.
     """
 
     surgery: Callable[[nn.Module], nn.Module]
+    commit: Callable[[], None] | None = None
     reason: str = ""
 
 
@@ -75,6 +79,13 @@ class Method:
     def prepare(self, model: nn.Module) -> nn.Module:
         """Surgery before the backend wraps the model (masks, gates, reparametrizations)."""
         return model
+
+    def param_group_overrides(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        """Optimizer options per parameter name (e.g. ``{"x.threshold": {"weight_decay": 0.0}}``).
+
+        Called on the prepared (surgered) plain model before the optimizer is built.
+        """
+        return {}
 
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called after ``accelerator.prepare`` (and again after every rebuild).
@@ -107,7 +118,12 @@ class Method:
         return []
 
     # -- checkpointing ------------------------------------------------------------------------
+    # Contract: on resume the trainer calls ``load_state_dict`` on a fresh method BEFORE ``prepare``,
+    # so ``prepare`` must build the architecture that the state describes (masks, gates, low-rank
+    # layers after a switch). The same contract serves ``Rebuild``: after ``on_epoch_end`` returns a
+    # Rebuild, ``prepare(create_model(...))`` must build the post-surgery architecture.
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: tensors on the CPU, plain Python values."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,0 +1,92 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is a directory ``<ckpt dir>/step_<global step>`` holding
+
+* the Accelerate state (``accelerator.save_state``: model, optimizer, registered scheduler, RNG of every
+  rank; sharded files under FSDP / DeepSpeed),
+* ``method.pt``: the method's state (masks, thresholds, gates, ranks ...), saved with ``torch.save``
+  and loaded with ``weights_only=True``,
+* ``meta.json``: step, epoch, position inside the epoch, world size, the architecture history needed to
+  rebuild the model before loading (written last).
+
+Every rank writes into ``step_<n>.tmp``; after a barrier rank 0 renames it to ``step_<n>``. A rename is
+atomic, so a run killed while writing leaves the previous checkpoint untouched, and the half-written
+``.tmp`` directory is ignored (and removed by the next save).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+
+__all__ = ["save_checkpoint", "find_latest", "read_meta", "load_method_state", "list_checkpoints"]
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def list_checkpoints(ckpt_dir: str) -> list[str]:
+    """Complete checkpoints in ``ckpt_dir``, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = []
+    for name in os.listdir(ckpt_dir):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(ckpt_dir, name)
+        if m and os.path.isfile(os.path.join(path, "meta.json")):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(ckpt_dir: str) -> str | None:
+    """The newest complete checkpoint directory, or None."""
+    ckpts = list_checkpoints(ckpt_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, "meta.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_method_state(path: str) -> dict[str, Any]:
+    """The method state of checkpoint ``path`` (tensors on the CPU)."""
+    return torch.load(os.path.join(path, "method.pt"), map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(accelerator, ckpt_dir: str, step: int, meta: dict[str, Any], method_state: dict[str, Any],
+                    keep_last: int) -> str:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep_last``. Collective: call on every rank.
+
+    Returns:
+        The final directory of the checkpoint.
+    """
+    final = os.path.join(ckpt_dir, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        for name in os.listdir(ckpt_dir):  # leftovers of an interrupted save
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        torch.save(method_state, os.path.join(tmp, "method.pt"))
+        with open(os.path.join(tmp, "meta.json.part"), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(os.path.join(tmp, "meta.json.part"), os.path.join(tmp, "meta.json"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):  # re-saving the same step (e.g. epoch end == every_steps)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,628 @@
+"""Collectives over possibly sharded tensors: the only module that knows parameter layouts.
+
+A tensor handed to these functions is one of three layouts (``layout(t)`` names it):
+
+* ``"plain"`` - an ordinary tensor that is *replicated*: the same full value on every rank. Single
+  process, DDP parameters and gradients, DeepSpeed ZeRO-1/2 parameters. Statistics need no collective.
+* ``"dtensor"`` - an FSDP2 ``DTensor``: each rank holds a ``torch.chunk`` of the full tensor along the
+  ``Shard`` dims of its placements (``Replicate`` mesh dims hold copies). Statistics reduce the local
+  value over the ``Shard`` mesh dims only.
+* ``"zero3"`` - a DeepSpeed ZeRO-3 parameter: each rank holds ``ceil(numel / world)`` elements of the
+  flattened tensor in ``param.ds_tensor``; the last partitions are zero-padded. Statistics use only the
+  valid (unpadded) part and reduce over ``param.ds_process_group``.
+
+Every function also works in a single process without an initialised process group. Methods call
+only this module; they never call ``torch.distributed`` themselves. Every rank must make the same
+calls in the same order (they are collectives whenever the layout is sharded).
+
+Example::
+
+    from dist_sparse import distributed as D
+    density = D.full_count_nonzero(w) / D.full_numel(w)
+    keep = D.global_topk_mask(w.abs(), k)            # shaped like D.local_view(w), k ones in total
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import pickle
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "world_size", "rank", "is_main", "barrier", "layout", "local_view", "distribute_like", "gather_full",
+    "full_grad", "full_numel", "full_sum", "full_sum_of_squares", "full_count_nonzero", "full_mean",
+    "full_norm", "global_kth_value", "global_topk_mask", "all_reduce_coalesced", "broadcast_object",
+    "assert_same_across_ranks",
+]
+
+try:  # torch >= 2.4 exposes DTensor publicly; older versions keep it under _tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # pragma: no cover - exercised only on old torch
+    from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore
+    from torch.distributed._tensor.placement_types import Partial  # type: ignore
+
+
+# ------------------------------------------------------------------------------------------------
+# Process-group basics
+# ------------------------------------------------------------------------------------------------
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes (1 without an initialised process group)."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def rank() -> int:
+    """Global rank of this process (0 without an initialised process group)."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def is_main() -> bool:
+    """True on global rank 0 (and in a single process)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if _initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts: which part of the full tensor lives on this rank
+# ------------------------------------------------------------------------------------------------
+
+
+def layout(t: torch.Tensor) -> str:
+    """The layout of ``t``: ``"dtensor"`` (FSDP2), ``"zero3"`` (DeepSpeed partition) or ``"plain"``.
+
+    Args:
+        t: a parameter, gradient or any tensor.
+
+    Returns:
+        one of ``"dtensor"``, ``"zero3"``, ``"plain"``.
+    """
+    if isinstance(t, DTensor):
+        return "dtensor"
+    if hasattr(t, "ds_id") and getattr(t, "ds_tensor", None) is not None:
+        return "zero3"
+    if getattr(t, "_fsdp_flattened", False):
+        raise NotImplementedError(
+            "FSDP1 flat parameters are not supported by dist_sparse.distributed statistics; use FSDP2 "
+            "(fsdp_version: 2 in launch/fsdp.yaml), or gather_full(param, module=<FSDP root>)")
+    return "plain"
+
+
+def _zero3_span(p: torch.Tensor) -> tuple[int, int, Any]:
+    """(start, length, group) of the valid flat elements of ZeRO-3 param ``p`` held by this rank."""
+    part = p.ds_tensor.ds_numel if hasattr(p.ds_tensor, "ds_numel") else p.ds_tensor.numel()
+    group = getattr(p, "ds_process_group", None)
+    r = dist.get_rank(group=group) if _initialized() else 0
+    start = part * r
+    length = max(0, min(part, p.ds_numel - start))
+    return start, length, group
+
+
+def _dtensor_ranges(t: DTensor) -> list[tuple[int, int]]:
+    """Per dim (start, length) of this rank's block of the full tensor (torch.chunk semantics)."""
+    ranges = [(0, s) for s in t.shape]
+    mesh = t.device_mesh
+    coord = mesh.get_coordinate()
+    if coord is None:  # this rank is not part of the mesh: it holds nothing
+        return [(0, 0) for _ in t.shape]
+    for mdim, pl in enumerate(t.placements):
+        if isinstance(pl, Shard):
+            d = pl.dim if pl.dim >= 0 else pl.dim + t.ndim
+            start, length = ranges[d]
+            n = mesh.size(mdim)
+            chunk = math.ceil(length / n) if length else 0
+            lo = min(length, chunk * coord[mdim])
+            hi = min(length, lo + chunk)
+            ranges[d] = (start + lo, hi - lo)
+        elif not isinstance(pl, (Replicate, Partial)):
+            raise NotImplementedError(f"DTensor placement {pl!r} is not supported (only Shard/Replicate)")
+    return ranges
+
+
+def _reduce_groups(t: DTensor) -> list[Any]:
+    """Process groups over which local partial statistics of ``t`` must be summed."""
+    mesh = t.device_mesh
+    return [mesh.get_group(i) for i, pl in enumerate(t.placements)
+            if isinstance(pl, Shard) and mesh.size(i) > 1]
+
+
+def local_view(param: torch.Tensor) -> torch.Tensor:
+    """The part of the full tensor stored on this rank, as a plain tensor (writes go to the shard).
+
+    Args:
+        param: a plain tensor, an FSDP2 DTensor or a ZeRO-3 parameter.
+
+    Returns:
+        the tensor itself (plain), ``to_local()`` (DTensor) or the valid, unpadded 1-D slice of the
+        ZeRO-3 partition ``param.ds_tensor``.
+    """
+    kind = layout(param)
+    if kind == "dtensor":
+        return param.detach().to_local()  # shares storage with the shard; no autograd view
+    if kind == "zero3":
+        _, length, _ = _zero3_span(param)
+        return param.ds_tensor.data.view(-1).narrow(0, 0, length)
+    return param
+
+
+def distribute_like(full: torch.Tensor, param: torch.Tensor, as_dtensor: bool = False) -> torch.Tensor:
+    """Cut a full tensor (e.g. a mask) into the piece that matches ``local_view(param)``.
+
+    No communication: every rank must hold the same ``full`` (see :func:`broadcast_object` /
+    :func:`assert_same_across_ranks`).
+
+    Args:
+        full: a tensor with the full shape of ``param``.
+        param: the (possibly sharded) parameter whose layout to follow.
+        as_dtensor: for a DTensor ``param``, return a DTensor with the same mesh and placements
+            (for ``param.mul_(mask)``) instead of the plain local block.
+
+    Returns:
+        a tensor on ``full``'s device shaped like ``local_view(param)`` (or a DTensor).
+    """
+    kind = layout(param)
+    shape = _full_shape(param)
+    if tuple(full.shape) != tuple(shape):
+        raise ValueError(f"distribute_like: full tensor has shape {tuple(full.shape)}, "
+                         f"the parameter's full shape is {tuple(shape)}")
+    if kind == "dtensor":
+        block = full
+        for d, (start, length) in enumerate(_dtensor_ranges(param)):
+            block = block.narrow(d, start, length)
+        block = block.contiguous()
+        if tuple(block.shape) != tuple(param.to_local().shape):
+            raise RuntimeError(f"distribute_like: computed block {tuple(block.shape)} does not match the "
+                               f"local shard {tuple(param.to_local().shape)} (placements {param.placements})")
+        if as_dtensor:
+            return DTensor.from_local(block, param.device_mesh, param.placements, run_check=False,
+                                      shape=param.shape, stride=param.stride())
+        return block
+    if kind == "zero3":
+        start, length, _ = _zero3_span(param)
+        return full.reshape(-1).narrow(0, start, length).contiguous()
+    return full
+
+
+def _full_shape(t: torch.Tensor) -> torch.Size:
+    if layout(t) == "zero3":
+        return t.ds_shape
+    return t.shape
+
+
+def _all_reduce_local(value: torch.Tensor, t: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """Combine per-rank partial statistics of ``t`` (a tensor of any shape) over its shard groups."""
+    if not _initialized():
+        return value
+    op = dist.ReduceOp.SUM if op is None else op
+    kind = layout(t)
+    if kind == "dtensor":
+        for g in _reduce_groups(t):
+            dist.all_reduce(value, op=op, group=g)
+    elif kind == "zero3":
+        _, _, g = _zero3_span(t)
+        if dist.get_world_size(group=g) > 1:
+            dist.all_reduce(value, op=op, group=g)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Gather the full tensor
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gather_full(param: torch.Tensor, writeback: bool = False,
+                module: torch.nn.Module | None = None) -> Iterator[torch.Tensor]:
+    """Context manager yielding the full, plain tensor of a possibly sharded parameter.
+
+    A collective for sharded layouts: every rank must enter it. With ``writeback=True`` in-place
+    changes of the yielded tensor are written back into this rank's shard on exit (and, under
+    DeepSpeed, into the optimizer's fp32 master copy, so the next step does not undo them). Changes
+    must be identical on all ranks; under ZeRO-3 rank 0's version wins.
+
+    Args:
+        param: a plain tensor/parameter, an FSDP2 DTensor, a ZeRO-3 parameter, or (with ``module``)
+            an FSDP1 ``use_orig_params`` parameter.
+        writeback: write modifications back into the shards on exit.
+        module: FSDP1 only - the FSDP-wrapped module owning ``param`` (best effort, via
+            ``summon_full_params``).
+
+    Yields:
+        the full tensor (``param.data`` itself for plain tensors).
+    """
+    if getattr(param, "_fsdp_flattened", False) and not isinstance(param, DTensor):
+        if module is None:
+            raise NotImplementedError("gather_full on an FSDP1 parameter needs module=<its FSDP-wrapped module>")
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(module, writeback=writeback, recurse=True):
+            yield param.data
+        return
+    kind = layout(param)
+    if kind == "dtensor":
+        full = param.detach().full_tensor()
+        yield full
+        if writeback:
+            with torch.no_grad():
+                local_view(param).copy_(distribute_like(full, param))
+        return
+    if kind == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0 if writeback else None):
+            yield param.data
+            if writeback:
+                _set_ds_master(param, param.data)
+        return
+    data = param.data if isinstance(param, torch.nn.Parameter) else param
+    yield data
+    if writeback:
+        _set_ds_master(param, data)
+
+
+def _set_ds_master(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Under DeepSpeed, copy ``full`` into the optimizer's fp32 master partition of ``param``."""
+    if getattr(param, "_hp_mapping", None) is not None or getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, full)
+
+
+def full_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """The full, averaged gradient of ``param`` as a plain tensor on every rank (or None).
+
+    Under DeepSpeed ZeRO the gradient lives in the optimizer's partitions (``param.grad`` is None);
+    call this between the backward pass and the optimizer step.
+
+    Args:
+        param: a parameter of any layout.
+
+    Returns:
+        the full gradient (a copy for sharded layouts), or None when there is none.
+    """
+    if hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None:
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param)
+    g = param.grad
+    if g is None:
+        return None
+    if isinstance(g, DTensor):
+        return g.full_tensor()
+    return g
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact full-tensor statistics
+# ------------------------------------------------------------------------------------------------
+
+
+def full_numel(t: torch.Tensor) -> int:
+    """Number of elements of the full tensor (ZeRO padding excluded).
+
+    Args:
+        t: a tensor of any layout.
+
+    Returns:
+        the element count as an int (no communication).
+    """
+    return int(math.prod(_full_shape(t)))
+
+
+def _stat(t: torch.Tensor, fn) -> torch.Tensor:
+    local = local_view(t).detach()
+    value = fn(local).reshape(1)
+    return _all_reduce_local(value, t).reshape(())
+
+
+def full_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of all elements of the full tensor, accumulated in float64.
+
+    Args:
+        t: a tensor of any layout.
+
+    Returns:
+        a 0-dim float64 tensor on ``t``'s device, equal on all ranks.
+    """
+    return _stat(t, lambda x: x.sum(dtype=torch.float64))
+
+
+def full_sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """Sum of squared elements of the full tensor (float64).
+
+    Args:
+        t: a tensor of any layout.
+
+    Returns:
+        a 0-dim float64 tensor, equal on all ranks.
+    """
+    return _stat(t, lambda x: x.double().square().sum())
+
+
+def full_count_nonzero(t: torch.Tensor) -> int:
+    """Number of non-zero elements of the full tensor (ZeRO padding excluded).
+
+    Args:
+        t: a tensor of any layout (a mask, a weight, a gradient).
+
+    Returns:
+        the count as an int, equal on all ranks.
+    """
+    return int(_stat(t, lambda x: torch.count_nonzero(x).to(torch.int64)).item())
+
+
+def full_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of the full tensor (float64, 0-dim); NaN for an empty tensor."""
+    n = full_numel(t)
+    s = full_sum(t)
+    return s / n if n else s * float("nan")
+
+
+def full_norm(t: torch.Tensor) -> torch.Tensor:
+    """Euclidean (Frobenius) norm of the full tensor (float64, 0-dim)."""
+    return full_sum_of_squares(t).sqrt()
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact order statistics without gathering: a multi-way search over order-preserving integer keys
+# ------------------------------------------------------------------------------------------------
+
+_PIVOTS = 255  # pivots per search round: one all-reduce of 255 counts narrows the range 256-fold
+
+
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys with the same order as the values of ``x`` (-0.0 == +0.0, NaN largest)."""
+    if x.dtype == torch.bool or not (x.is_floating_point()):
+        return x.to(torch.int64)
+    if x.dtype == torch.float64:
+        v = x + 0.0  # turns -0.0 into +0.0 so that both zeros are ties
+        v = torch.where(torch.isnan(v), torch.full_like(v, float("nan")).abs(), v)
+        bits = v.view(torch.int64)
+        return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    v = x.float() + 0.0
+    v = torch.where(torch.isnan(v), torch.full_like(v, float("nan")).abs(), v)
+    bits = v.view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _key_to_value(key: int, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_order_keys` for one key: a 0-dim tensor of ``like``'s dtype."""
+    dev = like.device
+    if like.dtype == torch.bool or not like.is_floating_point():
+        return torch.tensor(key, dtype=torch.int64, device=dev).to(like.dtype)
+    if like.dtype == torch.float64:
+        bits = key ^ 0x7FFFFFFFFFFFFFFF if key < 0 else key
+        return torch.tensor([bits], dtype=torch.int64, device=dev).view(torch.float64)[0]
+    bits = key ^ 0x7FFFFFFF if key < 0 else key
+    return torch.tensor([bits], dtype=torch.int32, device=dev).view(torch.float32)[0].to(like.dtype)
+
+
+def _select_key(sorted_keys: torch.Tensor, k: int, t: torch.Tensor, lo: int, hi: int) -> int:
+    """Smallest key v in [lo, hi] with (global count of keys <= v) >= k; ``sorted_keys`` is local."""
+    while lo < hi:
+        span = hi - lo
+        npiv = min(_PIVOTS, span)
+        # pivots strictly inside [lo, hi): p_j = lo + floor(span * j / (npiv + 1)) for j = 1..npiv, then hi
+        piv = sorted({lo + (span * j) // (npiv + 1) for j in range(1, npiv + 1)} | {hi})
+        pv = torch.tensor(piv, dtype=torch.int64, device=sorted_keys.device)
+        counts = torch.searchsorted(sorted_keys, pv, right=True).to(torch.int64)
+        counts = _all_reduce_local(counts, t)
+        j = int(torch.nonzero(counts >= k)[0].item())  # exists: the last pivot is hi
+        new_hi = piv[j]
+        new_lo = piv[j - 1] + 1 if j > 0 else lo
+        lo, hi = new_lo, new_hi
+    return lo
+
+
+def _key_bounds(keys: torch.Tensor, t: torch.Tensor) -> tuple[int, int]:
+    """Global (min, max) of the keys (two tiny collectives on sharded layouts)."""
+    big = torch.iinfo(torch.int64)
+    mn = keys.min() if keys.numel() else torch.tensor(big.max, device=keys.device)
+    mx = keys.max() if keys.numel() else torch.tensor(big.min, device=keys.device)
+    mn = _all_reduce_local(mn.reshape(1).clone(), t, dist.ReduceOp.MIN if _initialized() else None)
+    mx = _all_reduce_local(mx.reshape(1).clone(), t, dist.ReduceOp.MAX if _initialized() else None)
+    return int(mn.item()), int(mx.item())
+
+
+def _check_k(t: torch.Tensor, k: int, name: str) -> int:
+    n = full_numel(t)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        if name == "global_topk_mask" and isinstance(k, int) and k == 0:
+            return n
+        raise ValueError(f"{name}: k = {k!r} is not allowed; expected an integer in [1, {n}] "
+                         f"(the full tensor has {n} elements)")
+    return n
+
+
+def global_kth_value(t: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """The k-th largest (or smallest) value of the full, possibly sharded tensor.
+
+    Exact and deterministic: an order-preserving integer key per element and a 256-way search whose
+    every round all-reduces 255 counts (at most 4 rounds for 16/32-bit floats, 8 for float64), so
+    memory stays O(local shard) - nothing is gathered.
+
+    Args:
+        t: a tensor of any layout; NaN counts as the largest value, -0.0 equals 0.0.
+        k: 1-based rank, 1 <= k <= full_numel(t).
+        largest: True for the k-th largest, False for the k-th smallest.
+
+    Returns:
+        a 0-dim tensor of ``t``'s dtype on ``t``'s device, equal on all ranks.
+    """
+    n = _check_k(t, k, "global_kth_value")
+    local = local_view(t).detach().reshape(-1)
+    keys = torch.sort(_order_keys(local)).values
+    kk = n - k + 1 if largest else k
+    lo, hi = _key_bounds(keys, t)
+    return _key_to_value(_select_key(keys, kk, t, lo, hi), local)
+
+
+def _global_flat_index(t: torch.Tensor) -> torch.Tensor:
+    """Flat index in the full tensor of every element of ``local_view(t)`` (same shape, int64)."""
+    kind = layout(t)
+    local = local_view(t)
+    if kind == "zero3":
+        start, length, _ = _zero3_span(t)
+        return torch.arange(start, start + length, device=local.device)
+    if kind == "dtensor":
+        shape = list(t.shape)
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        idx = torch.zeros((), dtype=torch.int64, device=local.device)
+        for d, (start, length) in enumerate(_dtensor_ranges(t)):
+            ar = torch.arange(start, start + length, device=local.device) * strides[d]
+            idx = idx.unsqueeze(-1) + ar if d else ar
+        return idx.reshape(local.shape)
+    return torch.arange(local.numel(), device=local.device).reshape(local.shape)
+
+
+def global_topk_mask(t: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """A 0/1 mask shaped like ``local_view(t)`` with exactly ``k`` ones over the full tensor.
+
+    The ones mark the k largest (or smallest) values. Ties at the threshold are broken by flat index
+    of the full tensor: the lower index wins, exactly as a stable sort of the unsharded tensor. So the
+    mask equals, shard by shard, the mask a single process computes on the full tensor.
+
+    Args:
+        t: scores of any layout (e.g. ``|w|`` or ``|grad|``).
+        k: number of ones, 0 <= k <= full_numel(t).
+        largest: keep the largest (True) or the smallest (False) values.
+
+    Returns:
+        a bool tensor shaped like ``local_view(t)`` on ``t``'s device.
+    """
+    n = _check_k(t, k, "global_topk_mask")
+    local = local_view(t).detach()
+    if k == 0:
+        return torch.zeros(local.shape, dtype=torch.bool, device=local.device)
+    keys = _order_keys(local)
+    flat = torch.sort(keys.reshape(-1)).values
+    lo, hi = _key_bounds(flat, t)
+    kk = n - k + 1 if largest else k
+    thr = _select_key(flat, kk, t, lo, hi)
+    strict = keys > thr if largest else keys < thr
+    n_strict = int(_all_reduce_local(strict.sum().to(torch.int64).reshape(1), t).item())
+    need = k - n_strict  # >= 1 ties at the threshold still to take, lowest flat index first
+    tie = keys == thr
+    gidx = _global_flat_index(t)
+    tie_idx = torch.sort(gidx[tie].reshape(-1)).values
+    cut = _select_key(tie_idx, need, t, 0, max(0, n - 1))
+    return strict | (tie & (gidx <= cut))
+
+
+# ------------------------------------------------------------------------------------------------
+# Replicated values: reductions, broadcasts and consistency checks
+# ------------------------------------------------------------------------------------------------
+
+_OPS = {"sum", "mean", "max", "min"}
+
+
+def all_reduce_coalesced(d: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
+    """All-reduce many tensors with one flattened collective per (dtype, device).
+
+    Args:
+        d: name -> plain tensor (e.g. per-layer local statistics).
+        op: "sum", "mean" (sum / world size; floating tensors only), "max" or "min".
+
+    Returns:
+        name -> reduced tensor (new tensors, same shapes and dtypes; copies in a single process).
+    """
+    if op not in _OPS:
+        raise ValueError(f"all_reduce_coalesced: op = {op!r} is not allowed; expected one of {sorted(_OPS)}")
+    groups: dict[tuple, list[str]] = {}
+    for name, v in d.items():
+        if not isinstance(v, torch.Tensor) or isinstance(v, DTensor):
+            raise TypeError(f"all_reduce_coalesced: {name!r} must be a plain tensor, got {type(v).__name__}")
+        if op == "mean" and not v.is_floating_point():
+            raise TypeError(f"all_reduce_coalesced: op='mean' needs floating tensors; {name!r} is {v.dtype}")
+        groups.setdefault((v.dtype, v.device), []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    ws = world_size()
+    red = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN"}[op]
+    for (_dtype, _dev), names in groups.items():
+        flat = torch.cat([d[n].detach().reshape(-1) for n in names])
+        if ws > 1:
+            dist.all_reduce(flat, op=getattr(dist.ReduceOp, red))
+            if op == "mean":
+                flat /= ws
+        off = 0
+        for n in names:
+            m = d[n].numel()
+            out[n] = flat[off:off + m].reshape(d[n].shape).clone()
+            off += m
+    return {n: out[n] for n in d}
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return ``src``'s ``obj`` on every rank (picklable objects; identity in a single process).
+
+    Args:
+        obj: the value on ``src`` (ignored on other ranks).
+        src: global rank that decides.
+
+    Returns:
+        the object from ``src``.
+    """
+    if world_size() == 1:
+        return obj
+    box = [obj if rank() == src else None]
+    dev = None
+    if dist.get_backend() == "nccl":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    dist.broadcast_object_list(box, src=src, device=dev)
+    return box[0]
+
+
+def _digest(x: Any) -> str:
+    if isinstance(x, DTensor):
+        x = x.full_tensor()
+    if isinstance(x, torch.Tensor):
+        h = hashlib.sha1()
+        t = x.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return hashlib.sha1(bytes(x)).hexdigest()
+    return hashlib.sha1(pickle.dumps(x, protocol=4)).hexdigest()
+
+
+def assert_same_across_ranks(x: Any, what: str) -> str:
+    """Raise unless ``x`` is bit-identical on every rank (compares SHA-1 digests).
+
+    Args:
+        x: a tensor (a DTensor is compared as its full tensor), bytes, or a picklable object.
+        what: a name for the error message, e.g. ``"mask of layer1.0.conv1"``.
+
+    Returns:
+        the digest (hex), equal on all ranks.
+
+    Raises:
+        RuntimeError: naming ``what`` and which ranks hold which digest.
+    """
+    h = _digest(x)
+    if world_size() == 1:
+        return h
+    hs: list[Any] = [None] * world_size()
+    dist.all_gather_object(hs, h)
+    if len(set(hs)) > 1:
+        by: dict[str, list[int]] = {}
+        for r, v in enumerate(hs):
+            by.setdefault(v, []).append(r)
+        ref = hs[0]
+        bad = [r for r, v in enumerate(hs) if v != ref]
+        detail = "; ".join(f"ranks {rs}: {v[:12]}" for v, rs in by.items())
+        raise RuntimeError(f"{what} differs across ranks: ranks {bad} disagree with rank 0 ({detail})")
+    return h

@@ -1,0 +1,109 @@
+"""What differs between image classification and translation: model kwargs, the loss, evaluation.
+
+The trainer calls ``task.loss(model, batch)`` and ``task.evaluate(...)`` and never looks at batches.
+Evaluation sums counts on every rank and reduces them once (exact on any number of processes).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError
+from .models import create_model, model_family
+
+__all__ = ["build_model", "Task", "ClassificationTask", "TranslationTask", "make_task"]
+
+
+def build_model(cfg, info: dict[str, Any]) -> nn.Module:
+    """Create ``cfg.model.name`` with the shape facts of the data (classes, channels, vocabulary)."""
+    m = cfg.model
+    family = model_family(m.name)
+    if family == "transformer":
+        kw = dict(vocab_size=info["vocab_size"], pad_id=info["pad_id"], bos_id=info["bos_id"], eos_id=info["eos_id"])
+    else:
+        kw = dict(num_classes=m.num_classes or info.get("num_classes"), in_chans=m.in_chans or info.get("in_chans"),
+                  img_size=m.img_size or info.get("img_size"), width_mult=m.width_mult, stem=m.stem, norm=m.norm,
+                  drop_path_rate=m.drop_path_rate)
+    kw.update(m.extra)
+    try:
+        return create_model(m.name, **kw)
+    except TypeError as err:
+        raise ConfigError(f"model ({m.name})", {k: v for k, v in kw.items() if v is not None},
+                          f"arguments that {m.name} accepts ({err})") from None
+
+
+class Task:
+    name = "task"
+
+    def __init__(self, cfg, info: dict[str, Any]):
+        self.cfg, self.info = cfg, info
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader, accelerator, epoch: int) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    name = "classification"
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, accelerator, epoch: int) -> dict[str, float]:
+        device = accelerator.device
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+        for x, y in loader.iter_from(0):
+            with accelerator.autocast():
+                logits = model(x)
+            if len(y) == 0:
+                continue
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top.eq(y.view(-1, 1))
+            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                                 hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                                 torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+        sums = accelerator.reduce(sums, reduction="sum")
+        n = max(sums[3].item(), 1.0)
+        return {"val_loss": sums[0].item() / n, "val_acc": sums[1].item() / n, "val_top5": sums[2].item() / n,
+                "val_samples": int(sums[3].item())}
+
+
+class TranslationTask(Task):
+    name = "translation"
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        logits = model(batch["src"], batch["tgt_in"])
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=self.info["pad_id"],
+                               label_smoothing=self.cfg.optim.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, accelerator, epoch: int) -> dict[str, float]:
+        device = accelerator.device
+        pad = self.info["pad_id"]
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll (no smoothing), correct tokens, tokens
+        for batch in loader.iter_from(0):
+            with accelerator.autocast():
+                logits = model(batch["src"], batch["tgt_in"])
+            tgt = batch["tgt_out"].flatten()
+            keep = tgt.ne(pad)
+            logits = logits.float().flatten(0, 1)
+            sums += torch.stack([F.cross_entropy(logits, tgt, ignore_index=pad, reduction="sum").double(),
+                                 (logits.argmax(-1).eq(tgt) & keep).sum().double(), keep.sum().double()])
+        sums = accelerator.reduce(sums, reduction="sum")
+        n = max(sums[2].item(), 1.0)
+        nll = sums[0].item() / n
+        return {"val_loss": nll, "val_ppl": float(torch.tensor(nll).exp()), "val_acc": sums[1].item() / n,
+                "val_tokens": int(sums[2].item())}
+
+
+def make_task(task: str, cfg, info: dict[str, Any]) -> Task:
+    return {"classification": ClassificationTask, "translation": TranslationTask}[task](cfg, info)

@@ -1,0 +1,518 @@
+"""The training loop.
+
+Launch (2 CPU processes or 2 GPUs; see launch/run.sh for every backend)::
+
+    ACCELERATE_USE_CPU=true accelerate launch --config_file launch/ddp.yaml -m dist_sparse.train \\
+        --config configs/tiny_resnet20_dense.yaml run.epochs=3
+    python -m dist_sparse.train --config configs/tiny_resnet20_dense.yaml      # one process
+
+The loop reads top to bottom: for every optimizer step, micro-batches run forward/backward under
+``accelerator.accumulate``; once the gradient is complete the method sees it (``after_backward``),
+the gradient is clipped, the optimizer and the schedule step, and the method updates its state
+(``after_step``). At the end of an epoch the model is evaluated, the method may ask for a rebuild, and a
+checkpoint is written. The trainer never asks which method runs or how parameters are sharded.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from .backend import backend_name, build_accelerator, reprepare
+from .config import Config, ConfigError, config_to_dict, load_config
+from .data import build_data
+from .methods import Rebuild, create_method
+from .tasks import build_model, make_task
+
+__all__ = ["Trainer", "run", "main", "PREEMPT_MARKER"]
+
+log = logging.getLogger("dist_sparse")
+PREEMPT_MARKER = "PREEMPTED"  # written into the run directory when a preemption signal stopped the run
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, overrides: dict[str, dict]) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW; norms and biases (ndim <= 1) get no weight decay unless configured."""
+    o = cfg.optim
+    decay, no_decay, special = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in overrides:
+            special.append({"params": [p], **overrides[name]})
+        elif p.ndim <= 1 and not o.decay_norm_and_bias:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]] + special
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def lr_factor(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (linear warm-up, then the schedule)."""
+    s = cfg.schedule
+    warm = s.warmup_steps or int(round(s.warmup_epochs * steps_per_epoch))
+    if s.name == "inverse_sqrt":
+        warm = max(warm, 1)
+        return (step + 1) / warm if step + 1 < warm else math.sqrt(warm / (step + 1))
+    if warm and step < warm:
+        return (step + 1) / warm
+    if s.name == "constant":
+        return 1.0
+    if s.name == "step":
+        return s.gamma ** sum(step >= int(m * total_steps) for m in s.milestones)
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm))  # cosine
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int, steps_per_epoch: int, start_step: int = 0):
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch))
+    for _ in range(start_step):  # continue from the global step (after a rebuild)
+        sched.step()
+    return sched
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging helpers
+# ------------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """JSONL metrics (rank 0), optionally mirrored to TensorBoard."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ConfigError("logging.tensorboard", True, f"false, or install tensorboard ({err})") from None
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def write(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"event": event, "time": round(time.time(), 3), **fields}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        if self.tb is not None and "step" in fields:
+            for k, v in fields.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{event}/{k}", v, fields["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _setup_logging(run_dir: str, rank: int, rank_logs: bool) -> None:
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    if rank == 0:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("[dist_sparse] %(message)s"))
+        log.addHandler(h)
+    if rank_logs:
+        fh = logging.FileHandler(os.path.join(run_dir, f"rank{rank}.log"))
+        fh.setFormatter(logging.Formatter("%(asctime)s rank" + str(rank) + " %(levelname)s %(message)s"))
+        fh.setLevel(logging.DEBUG)
+        log.addHandler(fh)
+        log.setLevel(logging.DEBUG)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, nonzero) parameters of the whole model, however it is sharded."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += int(dist.full_numel(p))
+        nonzero += int(dist.full_count_nonzero(p.detach()))
+    return total, nonzero
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run: build everything from the config, then :meth:`train`.
+
+    Features (config flags): SGD/Adam/AdamW (``optim.name``), cosine/step/inverse-sqrt schedules with
+    warm-up (``schedule.*``), label smoothing, gradient accumulation and clipping, mixed precision
+    (``run.mixed_precision``), evaluation every ``run.eval_every_epochs``, checkpoints every
+    ``checkpoint.every_steps`` and each epoch with exact resume (``checkpoint.resume``), a method from
+    the registry (``method.name``), preemption by SIGUSR1 (checkpoint at the next step, then exit).
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        r = cfg.run
+        if r.threads:
+            torch.set_num_threads(r.threads)
+        if r.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        torch.manual_seed(r.seed)
+
+        self.acc = build_accelerator(r.mixed_precision, cfg.optim.grad_accum_steps,
+                                     per_rank_batch=max(1, cfg.data.batch_size // max(1, dist.world_size())))
+        self.world = self.acc.num_processes
+        if r.num_processes and r.num_processes != self.world:
+            raise ConfigError("run.num_processes", r.num_processes,
+                              f"the number of processes this run was launched with ({self.world}); "
+                              "check the launch command (accelerate launch --cpu starts only one process)")
+        self.run_dir = cfg.run_dir
+        if self.acc.is_main_process:
+            os.makedirs(self.run_dir, exist_ok=True)
+        self.acc.wait_for_everyone()
+        _setup_logging(self.run_dir, self.acc.process_index, cfg.logging.rank_logs)
+        self.backend = backend_name(self.acc)
+        log.info("backend=%s processes=%d device=%s mixed_precision=%s run_dir=%s", self.backend, self.world,
+                 self.acc.device, r.mixed_precision, self.run_dir)
+        if self.acc.is_main_process:
+            with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as fh:
+                yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+
+        self.data = build_data(cfg, rank=self.acc.process_index, world_size=self.world, device=self.acc.device,
+                               run_dir=self.run_dir)
+        self.task = make_task(self.data.task, cfg, self.data.info)
+        accum = cfg.optim.grad_accum_steps
+        self.steps_per_epoch = len(self.data.train) // accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError("optim.grad_accum_steps", accum,
+                              f"at most the number of batches per epoch ({len(self.data.train)})")
+        self.total_steps = self.steps_per_epoch * r.epochs
+        if r.max_steps:
+            self.total_steps = min(self.total_steps, r.max_steps)
+        self.ckpt_dir = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        self.metrics = MetricsLog(self.run_dir, self.acc.is_main_process, cfg.logging.tensorboard)
+
+        # Training position (all counted in optimizer steps / batches of the epoch).
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # this epoch, reduced
+        self.loss_count = 0
+        self.best_acc, self.last_eval = 0.0, {}
+        self.rebuilds: list[dict] = []
+
+        self.method = create_method(cfg.method, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                                    seed=r.seed)
+        resume_from = self._resume_path()
+        meta = None
+        if resume_from:
+            meta = ckpt.read_meta(resume_from)
+            if meta.get("world_size") not in (None, self.world) and self.backend.startswith(("fsdp", "zero")):
+                log.info("resuming a %s-process sharded checkpoint on %d processes", meta["world_size"], self.world)
+            self.method.load_state_dict(ckpt.load_method_state(resume_from))
+        self._build_model_and_optimizer(start_step=0)
+        if resume_from:
+            self._load(resume_from, meta)
+        self._preempt = False
+        self._install_signal_handlers()
+
+    # -- construction -------------------------------------------------------------------------
+    def _plain_model(self) -> torch.nn.Module:
+        """The current architecture as a plain module: the registered model + the method's surgery."""
+        with torch.random.fork_rng(devices=[]):  # identical initial weights, global RNG untouched
+            torch.manual_seed(self.cfg.run.seed)
+            model = build_model(self.cfg, self.data.info)
+        if self.cfg.run.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return self.method.prepare(model)
+
+    def _build_model_and_optimizer(self, start_step: int, state_dict: dict | None = None) -> None:
+        model = self._plain_model()
+        if state_dict is not None:
+            model.load_state_dict(state_dict, strict=True)
+        optimizer = build_optimizer(self.cfg, model, self.method.param_group_overrides(model))
+        scheduler = build_scheduler(self.cfg, optimizer, self.total_steps, self.steps_per_epoch, start_step)
+        # Model and optimizer go through prepare together (FSDP2 needs both in one call). The scheduler
+        # is stepped by us once per optimizer step, so it is only registered for checkpointing.
+        self.model, self.optimizer = reprepare(self.acc, model, optimizer)
+        self.scheduler = scheduler
+        self.acc._custom_objects = [o for o in self.acc._custom_objects  # drop a pre-rebuild scheduler
+                                    if not isinstance(o, torch.optim.lr_scheduler.LRScheduler)]
+        self.acc.register_for_checkpointing(self.scheduler)
+        self.method.bind(self.unwrapped, self.optimizer)
+        total, nonzero = count_parameters(self.unwrapped)
+        self.n_params, self.n_nonzero = total, nonzero
+        log.info("model=%s method=%s params=%d nonzero=%d steps/epoch=%d total steps=%d", self.cfg.model.name,
+                 self.cfg.method.name, total, nonzero, self.steps_per_epoch, self.total_steps)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _resume_path(self) -> str | None:
+        res = self.cfg.checkpoint.resume
+        if res == "never":
+            return None
+        if res == "auto":
+            return ckpt.find_latest(self.ckpt_dir)
+        if os.path.isfile(os.path.join(res, "meta.json")):
+            return res
+        latest = ckpt.find_latest(res)
+        if latest is None:
+            raise ConfigError("checkpoint.resume", res, "a checkpoint directory (with meta.json) or a directory of them")
+        return latest
+
+    def save(self) -> str:
+        meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "loss_sum": float(self.loss_sum.item()), "loss_count": self.loss_count, "best_acc": self.best_acc,
+                "world_size": self.world, "backend": self.backend, "rebuilds": self.rebuilds,
+                "model": self.cfg.model.name, "method": self.cfg.method.name}
+        path = ckpt.save_checkpoint(self.acc, self.ckpt_dir, self.step, meta, self.method.state_dict(),
+                                    self.cfg.checkpoint.keep_last)
+        log.debug("checkpoint written: %s", path)
+        return path
+
+    def _load(self, path: str, meta: dict) -> None:
+        self.acc.load_state(path)
+        self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+        self.loss_sum.fill_(meta["loss_sum"])
+        self.loss_count, self.best_acc, self.rebuilds = meta["loss_count"], meta["best_acc"], meta["rebuilds"]
+        self.acc.step = self.step * self.cfg.optim.grad_accum_steps  # keeps accumulate() in phase
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+        if self.acc.is_main_process:
+            marker = os.path.join(self.run_dir, PREEMPT_MARKER)
+            if os.path.exists(marker):
+                os.remove(marker)
+
+    # -- preemption ---------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):  # only sets a flag: the checkpoint is written at a step boundary
+            self._preempt = True
+
+        try:
+            signal.signal(signal.SIGUSR1, handler)
+        except (ValueError, AttributeError):  # not the main thread / not POSIX
+            pass
+
+    # -- rebuild ------------------------------------------------------------------------------
+    def rebuild(self, req: Rebuild) -> None:
+        """Apply ``req.surgery`` to the full model and re-prepare model, optimizer and schedule."""
+        full = self.acc.get_state_dict(self.model)  # collective; full weights (rank 0 at least)
+        # Rank 0 loads the full weights into a plain copy of the current architecture and runs the
+        # surgery; its result is broadcast, so every rank starts from bit-identical weights.
+        new_sd = None
+        if self.acc.is_main_process:
+            old = self._plain_model()
+            old.load_state_dict({k: v.cpu() for k, v in full.items()}, strict=True)
+            new_sd = {k: v.detach().cpu().contiguous() for k, v in req.surgery(old).state_dict().items()}
+            del old
+        if req.commit is not None:
+            req.commit()  # every rank: the method's state now describes the new architecture
+        new_sd = dist.broadcast_object(new_sd, src=0)
+        del full
+        self.model = self.optimizer = None
+        gc.collect()
+        self._build_model_and_optimizer(start_step=self.step, state_dict=new_sd)
+        self.rebuilds.append({"step": self.step, "epoch": self.epoch, "reason": req.reason})
+        log.info("rebuilt the model at epoch %d: %s (params %d)", self.epoch, req.reason, self.n_params)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.acc
+        accum = cfg.optim.grad_accum_steps
+        start = time.time()
+        self.metrics.write("start", step=self.step, backend=self.backend, processes=self.world,
+                           params=self.n_params, nonzero=self.n_nonzero)
+        stop = self.step >= self.total_steps
+        while self.epoch < cfg.run.epochs and not stop:
+            epoch_start = time.time()
+            self.model.train()
+            n_batches = self.steps_per_epoch * accum
+            bar = _progress(cfg, acc, n_batches // accum, self.batch_in_epoch // accum, self.epoch)
+            for batch in self.data.train.iter_from(self.epoch, self.batch_in_epoch):
+                if self.batch_in_epoch >= n_batches:
+                    break
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss = self.task.loss(self.model, batch)
+                        reg = self.method.regularizer(self.unwrapped)
+                        total = loss if reg is None else loss + reg
+                    acc.backward(total)
+                    if acc.sync_gradients:
+                        self.method.after_backward(self.unwrapped, self.step)
+                        if cfg.optim.grad_clip > 0:
+                            acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.batch_in_epoch += 1
+                # One small collective per micro-batch: the global mean loss and the preemption flag.
+                stats = acc.reduce(torch.stack([loss.detach().double(),
+                                                torch.tensor(float(self._preempt), dtype=torch.float64,
+                                                             device=loss.device)]), reduction="sum")
+                self.loss_sum += stats[0] / self.world
+                self.loss_count += 1
+                if not acc.sync_gradients:
+                    continue
+                self.scheduler.step()
+                self.method.after_step(self.unwrapped, self.step)
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{(stats[0] / self.world).item():.4f}", refresh=False)
+                if cfg.logging.log_every_steps and self.step % cfg.logging.log_every_steps == 0:
+                    self.metrics.write("train", step=self.step, epoch=self.epoch,
+                                       loss=float((stats[0] / self.world).item()),
+                                       lr=self.scheduler.get_last_lr()[0])
+                if stats[1].item() > 0:  # any rank got the signal: all stop at this same step
+                    self.save()
+                    if acc.is_main_process:
+                        with open(os.path.join(self.run_dir, PREEMPT_MARKER), "w") as fh:
+                            fh.write(f"{self.step}\n")
+                    log.info("preempted: checkpoint at step %d written; exiting", self.step)
+                    self.metrics.write("preempted", step=self.step, epoch=self.epoch)
+                    if bar is not None:
+                        bar.close()
+                    return {"preempted": True, "step": self.step}
+                if self.step >= self.total_steps:
+                    stop = True
+                    break
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    self.save()
+            if bar is not None:
+                bar.close()
+            self._end_epoch(time.time() - epoch_start, final=stop)
+        return self._finish(time.time() - start)
+
+    def _end_epoch(self, seconds: float, final: bool = False) -> None:
+        cfg = self.cfg
+        train_loss = float(self.loss_sum.item()) / max(1, self.loss_count)
+        row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss,
+                               "lr": self.scheduler.get_last_lr()[0], "epoch_time": round(seconds, 2)}
+        last = final or self.epoch + 1 >= cfg.run.epochs or self.step >= self.total_steps
+        if last or (self.epoch + 1) % cfg.run.eval_every_epochs == 0:
+            self.model.eval()
+            self.last_eval = self.task.evaluate(self.model, self.data.val, self.acc, self.epoch)
+            row.update(self.last_eval)
+            self.best_acc = max(self.best_acc, self.last_eval.get("val_acc", 0.0))
+        report = self.method.report()
+        if report:
+            row["method"] = report
+        log.info("epoch %d | step %d | train_loss %.4f | %s | %.1fs", self.epoch, self.step, train_loss,
+                 " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.last_eval.items()
+                            if k in row), seconds)
+        self.metrics.write("epoch", **row)
+        req = None if last else self.method.on_epoch_end(self.unwrapped, self.epoch)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        if req is not None:
+            self.rebuild(req)
+        if cfg.checkpoint.every_epoch:
+            self.save()
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        total, nonzero = count_parameters(self.unwrapped)
+        result = {"model": self.cfg.model.name, "method": self.cfg.method.name, "backend": self.backend,
+                  "processes": self.world, "steps": self.step, "epochs": self.epoch, "params": total,
+                  "nonzero_params": nonzero, "time_s": round(seconds, 1), **self.last_eval,
+                  "best_acc": self.best_acc}
+        extra = self.task.final_metrics(self.model, self.data, self.acc, self.run_dir) \
+            if hasattr(self.task, "final_metrics") else {}
+        result.update(extra)
+        self.metrics.write("end", **result)
+        if self.acc.is_main_process and self.cfg.logging.plots:
+            for path in self.method.plot(self.run_dir):
+                log.info("plot: %s", path)
+        if self.acc.is_main_process:
+            print(format_result_table(result), flush=True)
+        self.metrics.close()
+        return result
+
+
+def _progress(cfg: Config, acc, total: int, initial: int, epoch: int):
+    if not (cfg.logging.progress_bar and acc.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                mininterval=1.0, file=sys.stderr)
+
+
+def format_result_table(r: dict[str, Any]) -> str:
+    """The closing table: accuracy, time and parameter count of the run."""
+    acc = r.get("val_acc")
+    rows = [("model", r["model"]), ("method", r["method"]), ("backend", f"{r['backend']} x {r['processes']}"),
+            ("epochs / steps", f"{r['epochs']} / {r['steps']}"),
+            ("val top-1", f"{100 * acc:.2f} %" if acc is not None else "-"),
+            ("val top-5", f"{100 * r['val_top5']:.2f} %" if "val_top5" in r else "-"),
+            ("val loss", f"{r['val_loss']:.4f}" if "val_loss" in r else "-"),
+            ("params (total)", f"{r['params']:,}"),
+            ("params (nonzero)", f"{r['nonzero_params']:,} ({100 * r['nonzero_params'] / max(1, r['params']):.1f} %)"),
+            ("train time", f"{r['time_s']:.1f} s")]
+    if "bleu" in r:
+        rows.insert(5, ("BLEU", f"{r['bleu']:.2f}"))
+    w = max(len(k) for k, _ in rows)
+    v = max(len(str(x)) for _, x in rows)
+    line = "+" + "-" * (w + 2) + "+" + "-" * (v + 2) + "+"
+    body = "\n".join(f"| {k:<{w}} | {x:>{v}} |" for k, x in rows)
+    return f"{line}\n{body}\n{line}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train with ``cfg``; returns the final metrics (on every rank)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.acc.wait_for_everyone()
+        trainer.acc.end_training()
+
+
+def parse_args(argv: list[str] | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dist-sparse train", description="Train a model with a sparse/low-rank method.")
+    p.add_argument("--config", "-c", required=False, help="YAML config (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (checkpoint.resume=auto)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=0.05")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        result = run(cfg)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr, flush=True)
+        return 2
+    return 0 if result is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Config schema: defaults, overrides, and one clear error line for every kind of bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dist_sparse.config import ConfigError, load_config, parse_overrides
+from tests.conftest import ROOT, TINY, child_env
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(TINY, ["optim.lr=0.05", "run.epochs=2", "data.extra.foo=bar", "run.name=x"])
+    assert cfg.optim.lr == 0.05 and cfg.run.epochs == 2 and cfg.data.extra == {"foo": "bar"}
+    assert cfg.model.name == "resnet20" and cfg.method.name == "dense"
+    assert cfg.run_dir.endswith("runs/x") or cfg.run_dir == "runs/x"
+
+
+def test_int_widens_to_float_and_yaml_values():
+    assert parse_overrides(["a.b=1", "c=true", "d=[1, 2]", "e=hello"]) == [
+        ("a.b", 1), ("c", True), ("d", [1, 2]), ("e", "hello")]
+    cfg = load_config(TINY, ["optim.lr=1"])
+    assert isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    ("optim.lrr=0.1", "optim.lrr", "known key of optim"),
+    ("optim.lr=-1", "optim.lr", "> 0"),
+    ("optim.lr=fast", "optim.lr", "a number"),
+    ("run.epochs=0", "run.epochs", ">= 1"),
+    ("run.epochs=1.5", "run.epochs", "an integer"),
+    ("model.name=resnet1000", "model.name", "resnet20"),
+    ("method.name=magic", "method.name", "dense"),
+    ("data.name=imagenet22k", "data.name", "fashion_mnist"),
+    ("optim.name=lion", "optim.name", "'sgd'"),
+    ("run.mixed_precision=fp8", "run.mixed_precision", "'bf16'"),
+    ("checkpoint.resume=/no/such/dir", "checkpoint.resume", "never, auto"),
+    ("bogus.key=1", "bogus", "known key of the config"),
+])
+def test_bad_values_name_key_value_and_allowed(override, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    msg = str(err.value)
+    assert err.value.key == key, msg
+    assert fragment in msg and "\n" not in msg
+    assert repr(err.value.value) in msg
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError) as err:
+        load_config("/no/such.yaml")
+    assert err.value.key == "--config" and "/no/such.yaml" in str(err.value)
+
+
+def test_cli_prints_one_line_and_exits_2():
+    p = subprocess.run([sys.executable, "-m", "dist_sparse.train", "--config", TINY, "optim.lr=0"], cwd=ROOT,
+                       env=child_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+    assert lines == ["config error: optim.lr = 0 is not allowed; expected a number > 0"], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_every_config_file_loads():
+    import glob
+    import os
+
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert files
+    for f in files:
+        try:
+            load_config(f)
+        except ConfigError as err:  # a data set that is not installed here is the only excuse
+            assert err.key == "data.root" or "install" in str(err), f"{f}: {err}"

@@ -275,7 +275,8 @@ def gather_full(param: torch.Tensor, writeback: bool = False,
 
 def _set_ds_master(param: torch.Tensor, full: torch.Tensor) -> None:
     """Under DeepSpeed, copy ``full`` into the optimizer's fp32 master partition of ``param``."""
-    if getattr(param, "_hp_mapping", None) is not None or getattr(param, "_z3_optimizer", None) is not None:
+    # ZeRO-1/2 give every parameter an _hp_mapping (None where this rank's partition holds none of it)
+    if hasattr(param, "_hp_mapping") or getattr(param, "_z3_optimizer", None) is not None:
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(param, full)
@@ -293,7 +294,7 @@ def full_grad(param: torch.Tensor) -> torch.Tensor | None:
     Returns:
         the full gradient (a copy for sharded layouts), or None when there is none.
     """
-    if hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None:
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # collective under ZeRO-1/2/3
         from deepspeed.utils import safe_get_full_grad
 
         return safe_get_full_grad(param)

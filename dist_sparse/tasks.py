@@ -80,10 +80,37 @@ class ClassificationTask(Task):
 class TranslationTask(Task):
     name = "translation"
 
+    def __init__(self, cfg, info: dict[str, Any], world_size: int = 1):
+        super().__init__(cfg, info)
+        self.world_size = world_size
+
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """Summed token loss / tokens of the GLOBAL batch x world size: after DDP's gradient mean this is
+        exactly the per-token mean over the global batch, whatever the split of tokens across ranks."""
         logits = model(batch["src"], batch["tgt_in"])
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=self.info["pad_id"],
-                               label_smoothing=self.cfg.optim.label_smoothing)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=self.info["pad_id"],
+                              label_smoothing=self.cfg.optim.label_smoothing, reduction="sum")
+        return nll * (self.world_size / max(1, int(batch["global_ntokens"])))
+
+    def final_metrics(self, model: nn.Module, bundle, accelerator, run_dir: str) -> dict[str, Any]:
+        """Detokenized BLEU / chrF (sacrebleu) of beam search on the test split; hypotheses to test.hyp."""
+        import os
+
+        from .backend import backend_name
+
+        if not self.cfg.data.extra.get("bleu_at_end", True):
+            return {}
+        if backend_name(accelerator) in ("fsdp2", "fsdp1", "zero3"):
+            # decoding bypasses the layers' forward, so sharded weights are never gathered
+            return {"bleu_note": "skipped under a sharded backend; run `dist-sparse eval` on the checkpoint"}
+        from .data.translation import evaluate_translation
+
+        split = self.cfg.data.extra.get("bleu_split", "test")
+        res = evaluate_translation(accelerator.unwrap_model(model), bundle, split=split,
+                                   beam_size=int(self.cfg.data.extra.get("beam_size", 4)),
+                                   limit=self.cfg.data.extra.get("bleu_limit"),
+                                   out_path=os.path.join(run_dir, f"{split}.hyp"))
+        return {k: v for k, v in res.items() if k in ("bleu", "chrf", "bleu_signature", "chrf_signature")}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, accelerator, epoch: int) -> dict[str, float]:
@@ -105,5 +132,7 @@ class TranslationTask(Task):
                 "val_tokens": int(sums[2].item())}
 
 
-def make_task(task: str, cfg, info: dict[str, Any]) -> Task:
-    return {"classification": ClassificationTask, "translation": TranslationTask}[task](cfg, info)
+def make_task(task: str, cfg, info: dict[str, Any], world_size: int = 1) -> Task:
+    if task == "translation":
+        return TranslationTask(cfg, info, world_size)
+    return ClassificationTask(cfg, info)

@@ -199,7 +199,7 @@ class Trainer:
 
         self.data = build_data(cfg, rank=self.acc.process_index, world_size=self.world, device=self.acc.device,
                                run_dir=self.run_dir)
-        self.task = make_task(self.data.task, cfg, self.data.info)
+        self.task = make_task(self.data.task, cfg, self.data.info, self.world)
         accum = cfg.optim.grad_accum_steps
         self.steps_per_epoch = len(self.data.train) // accum
         if self.steps_per_epoch < 1:

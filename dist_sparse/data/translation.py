@@ -446,14 +446,7 @@ def _dist_ready(world_size: int) -> bool:
             and torch.distributed.get_world_size() == world_size)
 
 
-def _object_device(device) -> torch.device | None:
-    # NCCL moves pickled objects through GPU memory; gloo works on the CPU.
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-    return None
-
-
-def _shared_spm(cfg, opts: dict, train_texts: Sequence[str], *, rank: int, world_size: int, device,
+def _shared_spm(cfg, opts: dict, train_texts: Sequence[str], *, rank: int, world_size: int,
                 run_dir: str) -> SpmTokenizer:
     """Rank 0 trains (or reuses) ``run_dir/spm.model``; every rank gets the same model.
 
@@ -491,9 +484,9 @@ def _shared_spm(cfg, opts: dict, train_texts: Sequence[str], *, rank: int, world
                            "seconds": round(time.time() - t0, 2)}, fh)
             os.replace(tmp, path)  # atomic: a polling rank never reads half a file
     if _dist_ready(world_size):
-        box = [proto]
-        torch.distributed.broadcast_object_list(box, src=0, device=_object_device(device))
-        proto = box[0]
+        from ..distributed import broadcast_object
+
+        proto = broadcast_object(proto, src=0)
     elif rank != 0:
         deadline = time.time() + opts["spm_wait_s"]
         while not os.path.isfile(path):
@@ -752,8 +745,7 @@ def _make_bundle(cfg, raw: dict[str, tuple[list[str], list[str]]], tok, *, rank:
     if d.val_subset:
         raw["valid"] = tuple(x[: d.val_subset] for x in raw["valid"])
     if tok is None:
-        tok = _shared_spm(cfg, opts, list(src) + list(tgt), rank=rank, world_size=world_size, device=device,
-                          run_dir=run_dir)
+        tok = _shared_spm(cfg, opts, list(src) + list(tgt), rank=rank, world_size=world_size, run_dir=run_dir)
     splits, stats = {}, {}
     for name, key, drop in (("train", "train", True), ("val", "valid", False), ("test", "test", False)):
         if raw.get(key) is None:
@@ -769,7 +761,7 @@ def _make_bundle(cfg, raw: dict[str, tuple[list[str], list[str]]], tok, *, rank:
     train = TokenBatchLoader(splits["train"], shuffle=True, drop_last_short=True, **loader_kw)
     val = TokenBatchLoader(splits["val"], shuffle=False, drop_last_short=False, **loader_kw)
     info = dict(info, vocab_size=tok.vocab_size, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-                spm_path=tok.path, max_len=d.max_len, max_positions=d.max_len + 1,
+                spm_path=tok.path, max_len=d.max_len, max_seq_len=d.max_len + 1,
                 eval_splits=sorted(splits), train_batches=len(train), val_batches=len(val), **stats)
     return TranslationBundle(task="translation", train=train, val=val, info=info, splits=splits, tokenizer=tok,
                              device=device, rank=rank, world_size=world_size)
@@ -913,7 +905,7 @@ def _strip_specials(ids: Sequence[int]) -> list[int]:
 @torch.no_grad()
 def evaluate_translation(model, bundle: TranslationBundle, split: str = "val", beam_size: int = 4,
                          max_len_a: float = 1.2, max_len_b: int = 10, out_path: str | None = None,
-                         limit: int | None = None, batch_size: int = 64, length_penalty: float = 1.0) -> dict:
+                         limit: int | None = None, batch_size: int = 64, length_penalty: float = 0.6) -> dict:
     """Decode a split, gather the hypotheses from all ranks and score them with sacrebleu.
 
     Every rank must call this (it gathers). Sentences are sorted by source length, cut into batches
@@ -927,12 +919,13 @@ def evaluate_translation(model, bundle: TranslationBundle, split: str = "val", b
         bundle: the :class:`TranslationBundle` from the data builder.
         split: "val" or "test" (``bundle.splits``).
         beam_size: 1 decodes greedily.
-        max_len_a, max_len_b: hypotheses are at most ``a * source_len + b`` tokens (clamped to the
-            model's ``max_positions - 1`` when it has that attribute).
+        max_len_a, max_len_b: hypotheses are at most ``int(a * S + b)`` tokens, EOS included, with
+            ``S`` the padded source length of the batch (pieces + eos); clamped to the model's
+            ``max_len`` attribute (its position table) when it has one.
         out_path: when given, rank 0 writes one detokenized hypothesis per line there.
         limit: decode only the first ``limit`` pairs of the split.
         batch_size: sentences per decoding batch (per rank).
-        length_penalty: passed to ``beam_search``.
+        length_penalty: passed to ``beam_search`` (GNMT alpha of the transformer; 0.6 as in GNMT).
 
     Returns:
         dict (the same on every rank) with ``bleu``, ``chrf``, ``bleu_signature``,
@@ -959,7 +952,7 @@ def evaluate_translation(model, bundle: TranslationBundle, split: str = "val", b
         net = getattr(model, "module", model)
     was_training = net.training
     net.eval()
-    cap = getattr(net, "max_positions", None)
+    cap = getattr(net, "max_len", None)  # the transformer's position-table size bounds max_len
     device = bundle.device
     # Longest sources first: the slowest batches start early and padding stays small.
     src_lens = data.src_lens[:n]
@@ -976,8 +969,8 @@ def evaluate_translation(model, bundle: TranslationBundle, split: str = "val", b
             src[row, len(ids)] = EOS_ID
         src_t = torch.from_numpy(src).to(device)
         max_len = int(max_len_a * S + max_len_b)
-        if cap:
-            max_len = min(max_len, int(cap) - 1)
+        if isinstance(cap, int) and cap > 0:
+            max_len = min(max_len, cap)
         if beam_size == 1:
             hyps = net.greedy(src_t, max_len)
         else:
@@ -988,6 +981,7 @@ def evaluate_translation(model, bundle: TranslationBundle, split: str = "val", b
         net.train()
     if bundle.world_size > 1:
         parts: list = [None] * bundle.world_size
+        # (NCCL moves the pickles through the current CUDA device, which the trainer has set.)
         torch.distributed.all_gather_object(parts, (mine, seconds))
         mine = [pair for part, _ in parts for pair in part]
         seconds = max(s for _, s in parts)

@@ -269,7 +269,8 @@ def _big_resnet(block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int
                 width_mult: float, stem: str, norm: str, zero_init_residual: bool) -> ResNet:
     norm_layer = _check_common(num_classes, in_chans, width_mult, norm)
     if stem not in ("cifar", "imagenet"):
-        raise ConfigError("model.stem", stem, "'cifar' (3x3 stride 1, no max-pool) or 'imagenet' (7x7 stride 2 + max-pool)")
+        raise ConfigError("model.stem", stem,
+                          "'cifar' (3x3 stride 1, no max-pool) or 'imagenet' (7x7 stride 2 + max-pool)")
     widths = [_scaled(c, width_mult) for c in (64, 128, 256, 512)]
     return ResNet(block, layers, widths, num_classes, in_chans, stem_width=widths[0], stem=stem,
                   norm_layer=norm_layer, shortcut="B", zero_init_residual=zero_init_residual)

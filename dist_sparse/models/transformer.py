@@ -326,8 +326,8 @@ class Seq2SeqTransformer(nn.Module):
         t = tokens.shape[1]
         if start + t > self.max_len:
             raise ValueError(f"sequence of length {start + t} exceeds the model's max_len={self.max_len}")
-        x = self.embed_tokens(tokens) * self.embed_scale + self.positions[start:start + t].to(self.embed_tokens.weight.dtype)
-        return self.dropout(x)
+        pos = self.positions[start:start + t].to(self.embed_tokens.weight.dtype)
+        return self.dropout(self.embed_tokens(tokens) * self.embed_scale + pos)
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: src (B, S) token ids. Returns: encoder output (B, S, D) and src_mask (B, 1, 1, S) bool."""
@@ -355,7 +355,7 @@ class Seq2SeqTransformer(nn.Module):
 
     @torch.no_grad()
     def greedy(self, src: torch.Tensor, max_len: Optional[int] = None) -> list[list[int]]:
-        """Greedy decoding with a key/value cache.
+        """Greedy decoding with a key/value cache (call in eval mode: dropout would make it random).
 
         Args:
             src: (B, S) source ids, padded with pad_id.
@@ -537,9 +537,10 @@ class _CachedStepper(_Stepper):
         # Project the encoder output once per sentence, then share it among the sentence's beams.
         self.cross = [tuple(t.repeat_interleave(repeat, dim=0) for t in layer.cross_attn.project_kv(memory))
                       for layer in layers]
-        heads, dh = self.cross[0][0].shape[1], self.cross[0][0].shape[3]
-        shape = (memory.shape[0] * repeat, heads, max_len, dh)
-        self.cache = [(memory.new_zeros(shape), memory.new_zeros(shape)) for _ in layers]
+        # Self-attention K/V buffers in the projections' dtype (bf16 under autocast), like the cross K/V.
+        proto = self.cross[0][0]
+        shape = (proto.shape[0], proto.shape[1], max_len, proto.shape[3])
+        self.cache = [(proto.new_zeros(shape), proto.new_zeros(shape)) for _ in layers]
 
     def step(self, prefix: torch.Tensor) -> torch.Tensor:
         pos = prefix.shape[1] - 1

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from slurm_cluster import LocalSlurm, ensure_slurm_installed  # noqa: E402
+from tests.slurm.slurm_cluster import LocalSlurm, ensure_slurm_installed
 
 
 @pytest.fixture(scope="session")

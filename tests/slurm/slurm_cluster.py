@@ -58,7 +58,7 @@ JobCompType=jobcomp/none
 SwitchType=switch/none
 MpiDefault=none
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
@@ -236,6 +236,11 @@ class LocalSlurm:
             time.sleep(0.1)
 
     # -------------------------------------------------------------------------------- clients
+    @property
+    def client_env(self) -> dict:
+        """The one variable client commands need on top of the environment: ``{"SLURM_CONF": path}``."""
+        return {"SLURM_CONF": str(self.conf)}
+
     def run(self, cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
         """Run a client command with SLURM_CONF set; returns the CompletedProcess (text mode)."""
         return subprocess.run(cmd, env=kw.pop("env", self.env), capture_output=True, text=True, check=check, **kw)

@@ -58,7 +58,7 @@ def test_cli_prints_one_line_and_exits_2():
                        env=child_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
-    assert lines == ["config error: optim.lr = 0 is not allowed; expected a number > 0"], p.stderr
+    assert lines == ["config error: optim.lr = 0.0 is not allowed; expected a number > 0"], p.stderr
     assert "Traceback" not in p.stderr
 
 

@@ -39,7 +39,8 @@ def test_every_model_forwards_on_meta_device(name):
             y = m(torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long))
             assert y.shape == (2, 5, 50)
         else:
-            m = create_model(name, num_classes=13, in_chans=1, img_size=32, **({"patch_size": 8} if fam == "deit" else {}))
+            extra = {"patch_size": 8} if fam == "deit" else {}
+            m = create_model(name, num_classes=13, in_chans=1, img_size=32, **extra)
             y = m(torch.zeros(2, 1, 32, 32))
             assert y.shape == (2, 13)
 

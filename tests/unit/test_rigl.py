@@ -313,6 +313,7 @@ def test_resume_reproduces_uninterrupted_masks(name, tmp_path):
     hist_a = {}
     model, method, opt = _setup(name, "adamw", total_steps=30, **fields)
     _train(model, method, opt, 30, on_update=lambda t: hist_a.__setitem__(t, {n: m.clone() for n, m in method.masks.items()}))
+    params_a = dict(model.named_parameters())
 
     model, method, opt = _setup(name, "adamw", total_steps=30, **fields)
     _train(model, method, opt, 11)  # step 11 is inside the gradient window of the update at 12
@@ -336,7 +337,6 @@ def test_resume_reproduces_uninterrupted_masks(name, tmp_path):
     for t in later:
         for n in method.names:
             assert torch.equal(hist_a[t][n], hist_b[t][n]), (t, n)
-    params_a = dict(model.named_parameters())
     for n, p in model2.named_parameters():  # and the weights themselves
         assert torch.equal(p, params_a[n]), n
 
@@ -439,3 +439,33 @@ def test_config_dataclass_defaults_match_paper():
     c = RigLConfig()
     assert (c.delta_t, c.t_end, c.alpha, c.anneal, c.update_at_step0, c.skip_sgd_on_update) == \
         (100, 0.75, 0.3, "cosine", True, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end through the trainer
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_rigl_config_trains_end_to_end(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "dist_sparse.train", "--config", "configs/tiny_resnet20_rigl.yaml",
+           "run.num_processes=1", "run.max_steps=30", f"run.output_dir={tmp_path}", "run.name=e2e",
+           "run.channels_last=false", "data.batch_size=32", "data.train_subset=960", "data.val_subset=256",
+           "method.delta_t=5", "logging.progress_bar=false", "logging.log_every_steps=5",
+           "checkpoint.every_epoch=false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "e2e" / "metrics.jsonl")]
+    train = [r for r in rows if r["event"] == "train"]
+    epoch = [r for r in rows if r["event"] == "epoch"][-1]
+    rep = epoch["method"]
+    assert rep["sparsity/updates"] == 5  # steps 0, 5, 10, 15, 20 (T_end = 0.75 * 30 = 22)
+    assert rep["sparsity/global"] == pytest.approx(0.8, abs=0.01)
+    assert train[-1]["loss"] < train[0]["loss"]  # it learns
+    assert (tmp_path / "e2e" / "rigl_density.png").exists()

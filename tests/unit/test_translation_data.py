@@ -461,3 +461,30 @@ def test_two_gloo_ranks_share_spm_and_gather_hypotheses(tmp_path):
                                   out_path=str(tmp_path / "hyp1.txt"))
     assert r0["bleu"] == r1["bleu"] == pytest.approx(single["bleu"]) and r0["chrf"] == pytest.approx(single["chrf"])
     assert (tmp_path / "hyp2.txt").read_text() == (tmp_path / "hyp1.txt").read_text()
+
+
+def test_decode_length_is_clamped_to_the_model_max_len(tmp_path):
+    model = EchoModel()
+    model.max_len = 12  # the transformer's position-table size
+    evaluate_translation(model, build(copy_cfg(tmp_path)), split="val", beam_size=1, max_len_a=2.0, max_len_b=5,
+                        batch_size=4)
+    assert max(c[2] for c in model.calls) == 12 and min(c[2] for c in model.calls) < 12
+
+
+def test_evaluate_with_the_registered_transformer(tmp_path):
+    from dist_sparse.models import create_model, model_names
+
+    if "transformer_tiny" not in model_names():
+        pytest.skip("dist_sparse.models.transformer is not there yet")
+    b = build(copy_cfg(tmp_path))
+    torch.manual_seed(0)
+    info = b.info
+    model = create_model("transformer_tiny", vocab_size=info["vocab_size"], pad_id=info["pad_id"],
+                         bos_id=info["bos_id"], eos_id=info["eos_id"])
+    batch = next(b.train.iter_from(0))
+    assert model(batch["src"], batch["tgt_in"]).shape == (*batch["tgt_out"].shape, info["vocab_size"])
+    out = tmp_path / "hyp.txt"
+    for beam in (1, 2):
+        res = evaluate_translation(model, b, split="test", beam_size=beam, limit=9, batch_size=4, out_path=str(out))
+        assert 0.0 <= res["bleu"] <= 100.0 and res["num_segments"] == 9
+        assert len(out.read_text().splitlines()) == 9

@@ -108,7 +108,7 @@ class TranslationTask(Task):
         split = self.cfg.data.extra.get("bleu_split", "test")
         res = evaluate_translation(accelerator.unwrap_model(model), bundle, split=split,
                                    beam_size=int(self.cfg.data.extra.get("beam_size", 4)),
-                                   limit=self.cfg.data.extra.get("bleu_limit"),
+                                   limit=int(self.cfg.data.extra.get("bleu_limit", 0)) or None,
                                    out_path=os.path.join(run_dir, f"{split}.hyp"))
         return {k: v for k, v in res.items() if k in ("bleu", "chrf", "bleu_signature", "chrf_signature")}
 

@@ -29,7 +29,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .backend import backend_name, build_accelerator, reprepare
+from .backend import backend_name, backward, build_accelerator, reprepare
 from .config import Config, ConfigError, config_to_dict, load_config
 from .data import build_data
 from .methods import Rebuild, create_method
@@ -148,7 +148,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = nonzero = 0
     for p in model.parameters():
         total += int(dist.full_numel(p))
-        nonzero += int(dist.full_count_nonzero(p.detach()))
+        nonzero += int(dist.full_count_nonzero(p))
     return total, nonzero
 
 
@@ -179,7 +179,8 @@ class Trainer:
         torch.manual_seed(r.seed)
 
         self.acc = build_accelerator(r.mixed_precision, cfg.optim.grad_accum_steps,
-                                     per_rank_batch=max(1, cfg.data.batch_size // max(1, dist.world_size())))
+                                     per_rank_batch=max(1, cfg.data.batch_size // max(1, dist.world_size())),
+                                     grad_clip=cfg.optim.grad_clip)
         self.world = self.acc.num_processes
         if r.num_processes and r.num_processes != self.world:
             raise ConfigError("run.num_processes", r.num_processes,
@@ -355,11 +356,9 @@ class Trainer:
                         loss = self.task.loss(self.model, batch)
                         reg = self.method.regularizer(self.unwrapped)
                         total = loss if reg is None else loss + reg
-                    acc.backward(total)
-                    if acc.sync_gradients:
-                        self.method.after_backward(self.unwrapped, self.step)
-                        if cfg.optim.grad_clip > 0:
-                            acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                    # on_grads runs once the gradient of this optimizer step is complete (and, under
+                    # DeepSpeed, before the engine steps): the method sees it, then it is clipped.
+                    backward(acc, total, self._on_grads)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 self.batch_in_epoch += 1
@@ -400,6 +399,11 @@ class Trainer:
                 bar.close()
             self._end_epoch(time.time() - epoch_start, final=stop)
         return self._finish(time.time() - start)
+
+    def _on_grads(self) -> None:
+        self.method.after_backward(self.unwrapped, self.step)
+        if self.cfg.optim.grad_clip > 0:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
 
     def _end_epoch(self, seconds: float, final: bool = False) -> None:
         cfg = self.cfg

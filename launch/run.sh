@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One launcher for every backend, the same command on a laptop, a CPU box and a GPU node:
 #
-#   launch/run.sh <backend> [--nproc N] [--port P] -- <trainer args>
+#   launch/run.sh <backend> [--nproc N] [--port P] [--module M] -- <trainer args>
 #   launch/run.sh ddp   --nproc 2 -- --config configs/tiny_resnet20_dense.yaml run.epochs=1
 #   launch/run.sh fsdp  -- --config configs/tiny_resnet20_dense.yaml model.norm=gn
 #   launch/run.sh zero3 -- --config configs/tiny_resnet20_dense.yaml model.norm=gn
@@ -9,6 +9,7 @@
 #
 # <backend>: single | ddp | fsdp | zero1 | zero2 | zero3 (launch/<backend>.yaml; single = one plain process).
 # --nproc N: processes (default: the number of CUDA GPUs, or 2 without CUDA).
+# --module M: run python module M instead of dist_sparse.train (tests use it).
 # What it sets, and why:
 #   ACCELERATE_USE_CPU=true  for ddp/fsdp on a machine without CUDA: the YAMLs say MULTI_GPU/FSDP so that
 #                            accelerate starts N processes through torchrun; this makes each rank use the
@@ -22,19 +23,20 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 backend="$1"; shift
-nproc=""; port=""
+nproc=""; port=""; module=dist_sparse.train
 while [ $# -gt 0 ]; do
   case "$1" in
     --nproc) nproc="$2"; shift 2;;
     --nproc=*) nproc="${1#*=}"; shift;;
     --port) port="$2"; shift 2;;
     --port=*) port="${1#*=}"; shift;;
+    --module) module="$2"; shift 2;;
     --) shift; break;;
     -h|--help) usage;;
-    *) echo "run.sh: unknown option '$1' before '--' (allowed: --nproc N, --port P)" >&2; exit 2;;
+    *) echo "run.sh: unknown option '$1' before '--' (allowed: --nproc N, --port P, --module M)" >&2; exit 2;;
   esac
 done
 case "$backend" in
@@ -63,7 +65,7 @@ cd "$root"
 
 if [ "$backend" = single ]; then
   unset ACCELERATE_USE_CPU ACCELERATE_USE_DEEPSPEED ACCELERATE_USE_FSDP
-  exec "$PY" -m dist_sparse.train "$@"
+  exec "$PY" -m "$module" "$@"
 fi
 
 case "$backend" in
@@ -74,4 +76,4 @@ esac
 
 # shellcheck disable=SC2086
 exec "$PY" -m accelerate.commands.launch --config_file "$here/$backend.yaml" --num_processes "$nproc" \
-  --main_process_port "$port" ${ACCELERATE_ARGS:-} -m dist_sparse.train "$@"
+  --main_process_port "$port" ${ACCELERATE_ARGS:-} -m "$module" "$@"

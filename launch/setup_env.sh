@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ]; then
   echo "[setup] installing into .venv (torch==2.13.0, accelerate, transformers, ...)"
   .venv/bin/pip install -q "torch==2.13.0"
   if [ "$EXTRA" = dev ]; then
-    .venv/bin/pip install -q -e ".[dev]"
+    .venv/bin/pip install -q -e ".[dev,deepspeed]"
   else
     .venv/bin/pip install -q -e .
   fi

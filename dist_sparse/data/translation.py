@@ -68,6 +68,10 @@ _COMMON_EXTRA = {
     "spm_max_sentences": 2_000_000,  # train sentencepiece on at most this many sentences (seeded sample)
     "spm_wait_s": 600,  # seconds other ranks wait for rank 0's spm.model when no process group exists
     "max_sentences": 0,  # cap on pairs per global batch (0: only data.max_tokens limits)
+    "bleu_at_end": True,  # decode the bleu_split with beam search at the end of training, report BLEU/chrF
+    "bleu_split": "test",  # split decoded at the end (val or test)
+    "bleu_limit": 0,  # decode only the first N sentences of that split (0: all)
+    "beam_size": 4,  # beam size of the final decoding (1: greedy)
 }
 _DING_EXTRA = {
     "direction": "de-en",  # de-en (German source) or en-de

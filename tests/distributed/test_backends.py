@@ -75,3 +75,17 @@ def test_train_and_resume(backend, tmp_path):
     assert [e["epoch"] for e in epochs2] == [2], epochs2  # only the new epoch ran
     assert epochs2[0]["step"] == 3 * epochs[0]["step"]
     assert epochs2[0]["train_loss"] < epochs[0]["train_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_hook_and_writeback(backend, tmp_path):
+    """backend.backward's hook sees the full gradient (even under ZeRO, where accelerate's backward
+    already steps), and a gather_full writeback survives the next optimizer step (_stats_ds_grad.py)."""
+    _needs(backend)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIST_SPARSE_SCRATCH=str(tmp_path), PYTHON=sys.executable)
+    cmd = ["bash", os.path.join(ROOT, "launch", "run.sh"), backend, "--nproc", "2",
+           "--module", "tests.distributed._stats_ds_grad", "--"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert proc.stdout.count(f"OK {EXPECT[backend]} processes=2") == 2, proc.stdout[-2000:]

@@ -1,0 +1,108 @@
+"""Step time of a method vs dense, measured side by side in one process.
+
+Both runs use the same model, batch, optimizer and number of threads, and are interleaved in rounds
+(dense block, method block, dense block, ...) so that machine noise hits both alike. A block is
+``delta_t`` optimizer steps, so the method's mask-update step is included once per block: the ratio is
+the average over a whole update period, as RigL's cost claim is stated.
+
+    python benchmarks/step_time.py --model resnet20 --method rigl --sparsity 0.8 --delta-t 100
+    python benchmarks/step_time.py --model deit_micro --method rigl --img-size 28 --in-chans 1
+
+Prints a table and one JSON line (``--json``) with the medians and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dist_sparse.config import config_from_dict
+from dist_sparse.methods import create_method
+from dist_sparse.models import create_model
+
+
+def build(args, method_name: str):
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=10, in_chans=args.in_chans, img_size=args.img_size)
+    mdict = {"name": method_name}
+    if method_name != "dense":
+        mdict.update(sparsity=args.sparsity, delta_t=args.delta_t, t_end=1.0)
+    cfg = config_from_dict({"model": {"name": args.model}, "method": mdict})
+    total = args.rounds * args.delta_t * 2 + 10
+    method = create_method(cfg.method, total_steps=total, steps_per_epoch=total, seed=0)
+    model = method.prepare(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    method.bind(model, opt)
+    return model, opt, method
+
+
+def run_block(model, opt, method, x, y, start: int, n: int) -> float:
+    t0 = time.perf_counter()
+    for step in range(start, start + n):
+        loss = F.cross_entropy(model(x), y)
+        reg = method.regularizer(model)
+        if reg is not None:
+            loss = loss + reg
+        loss.backward()
+        method.after_backward(model, step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.after_step(model, step)
+    return (time.perf_counter() - t0) / n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--method", default="rigl")
+    p.add_argument("--sparsity", type=float, default=0.8)
+    p.add_argument("--delta-t", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--img-size", type=int, default=28)
+    p.add_argument("--in-chans", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    runs = {"dense": build(args, "dense"), args.method: build(args, args.method)}
+    for name, (m, o, meth) in runs.items():  # warm-up (allocations, oneDNN primitives)
+        run_block(m, o, meth, x, y, 10_000_000, 3)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    steps = {k: 0 for k in runs}
+    for _ in range(args.rounds):
+        for name, (m, o, meth) in runs.items():
+            times[name].append(run_block(m, o, meth, x, y, steps[name], args.delta_t))
+            steps[name] += args.delta_t
+    dense = statistics.median(times["dense"])
+    other = statistics.median(times[args.method])
+    ratio = other / dense
+    print(f"model={args.model} batch={args.batch} threads={torch.get_num_threads()} delta_t={args.delta_t} "
+          f"rounds={args.rounds} sparsity={args.sparsity}")
+    print(f"| run | median ms/step (over {args.delta_t}-step blocks) |")
+    print("|---|---|")
+    print(f"| dense | {1000 * dense:.1f} |")
+    print(f"| {args.method} | {1000 * other:.1f} |")
+    print(f"| ratio {args.method}/dense | {ratio:.3f} |")
+    if args.json:
+        print(json.dumps({"model": args.model, "method": args.method, "dense_ms": 1000 * dense,
+                          "method_ms": 1000 * other, "ratio": ratio}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

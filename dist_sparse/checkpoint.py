@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "find_latest", "read_meta", "load_method_state", "list_checkpoints"]
+__all__ = ["save_checkpoint", "find_latest", "read_meta", "load_method_state", "list_checkpoints", "export_weights"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -90,3 +90,26 @@ def save_checkpoint(accelerator, ckpt_dir: str, step: int, meta: dict[str, Any],
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def export_weights(accelerator, model, path: str, metadata: dict[str, str] | None = None) -> str | None:
+    """Write the full (consolidated) weights of a possibly sharded model to one safetensors file.
+
+    Collective (FSDP and ZeRO-3 gather the shards); rank 0 writes. Tensors shared between modules
+    (tied embeddings) are written once per name as independent copies, so the file loads into a plain
+    model with ``load_state_dict(strict=True)``.
+
+    Returns:
+        ``path`` on rank 0, None elsewhere.
+    """
+    from safetensors.torch import save_file
+
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".part"
+    save_file(tensors, tmp, metadata=metadata or {})
+    os.replace(tmp, path)
+    return path

@@ -2,6 +2,7 @@
 
     dist-sparse train --config configs/tiny_resnet20_dense.yaml [key.sub=value ...]
     dist-sparse eval  --config configs/tiny_resnet20_dense.yaml --checkpoint runs/x/checkpoints/step_00000100
+    dist-sparse export --config configs/tiny_resnet20_dense.yaml --checkpoint runs/x/checkpoints --out x.safetensors
     dist-sparse slurm submit --config configs/tiny_resnet20_dense.yaml --nodes 1 --procs-per-node 2
     dist-sparse models | methods
 """
@@ -42,6 +43,26 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .checkpoint import export_weights
+    from .config import load_config
+    from .train import Trainer
+
+    try:
+        cfg = load_config(args.config, list(args.overrides) + [f"checkpoint.resume={args.checkpoint}",
+                                                               "logging.progress_bar=false"])
+        trainer = Trainer(cfg)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    path = export_weights(trainer.acc, trainer.model, args.out, {"model": cfg.model.name, "method": cfg.method.name,
+                                                                 "step": str(trainer.step)})
+    if path:
+        print(f"wrote {path} (step {trainer.step}, {trainer.n_params:,} parameters)")
+    trainer.acc.end_training()
+    return 0
+
+
 def _cmd_list(kind: str) -> int:
     if kind == "models":
         from .models import model_family, model_names
@@ -68,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="checkpoint directory (or a directory of them: newest)")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(func=_cmd_eval)
+    x = sub.add_parser("export", help="write one consolidated state_dict (safetensors) from a (sharded) checkpoint; "
+                                      "launch it like the run that wrote the checkpoint")
+    x.add_argument("--config", "-c", required=True)
+    x.add_argument("--checkpoint", required=True, help="checkpoint directory (or a directory of them: newest)")
+    x.add_argument("--out", required=True, help="output .safetensors file")
+    x.add_argument("overrides", nargs="*")
+    x.set_defaults(func=_cmd_export)
     sub.add_parser("models", help="list registered models").set_defaults(func=lambda a: _cmd_list("models"))
     sub.add_parser("methods", help="list registered methods").set_defaults(func=lambda a: _cmd_list("methods"))
     try:

@@ -113,6 +113,7 @@ class CheckpointConfig:
     keep_last: int = 2  # keep the newest K checkpoints
     resume: str = "never"  # never | auto (newest complete checkpoint of the run) | a checkpoint path
     dir: str = ""  # checkpoint directory ('' = <run dir>/checkpoints)
+    save_final: bool = True  # write the consolidated final weights to <run dir>/model.safetensors
 
 
 @dataclass

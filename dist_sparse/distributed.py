@@ -627,3 +627,18 @@ def assert_same_across_ranks(x: Any, what: str) -> str:
         detail = "; ".join(f"ranks {rs}: {v[:12]}" for v, rs in by.items())
         raise RuntimeError(f"{what} differs across ranks: ranks {bad} disagree with rank 0 ({detail})")
     return h
+
+
+def optimizer_is_deepspeed(optimizer: Any) -> bool:
+    """True when ``optimizer`` (possibly wrapped by accelerate) is driven by a DeepSpeed engine.
+
+    Methods that must edit optimizer state or master weights element-wise use this to refuse a
+    layout they do not handle yet, with a clear error instead of silently wrong results.
+    """
+    seen = 0
+    while optimizer is not None and seen < 4:
+        if type(optimizer).__module__.startswith("deepspeed") or type(optimizer).__name__ == "DeepSpeedOptimizerWrapper":
+            return True
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return False

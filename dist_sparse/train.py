@@ -181,6 +181,8 @@ class Trainer:
         self.acc = build_accelerator(r.mixed_precision, cfg.optim.grad_accum_steps,
                                      per_rank_batch=max(1, cfg.data.batch_size // max(1, dist.world_size())),
                                      grad_clip=cfg.optim.grad_clip)
+        self._preempt = False
+        self._install_signal_handlers()  # early: a signal during start-up still stops at the first step
         self.world = self.acc.num_processes
         if r.num_processes and r.num_processes != self.world:
             raise ConfigError("run.num_processes", r.num_processes,
@@ -231,8 +233,6 @@ class Trainer:
         self._build_model_and_optimizer(start_step=0)
         if resume_from:
             self._load(resume_from, meta)
-        self._preempt = False
-        self._install_signal_handlers()
 
     # -- construction -------------------------------------------------------------------------
     def _plain_model(self) -> torch.nn.Module:
@@ -442,6 +442,9 @@ class Trainer:
         extra = self.task.final_metrics(self.model, self.data, self.acc, self.run_dir) \
             if hasattr(self.task, "final_metrics") else {}
         result.update(extra)
+        if self.cfg.checkpoint.save_final:
+            ckpt.export_weights(self.acc, self.model, os.path.join(self.run_dir, "model.safetensors"),
+                                {"model": self.cfg.model.name, "method": self.cfg.method.name, "step": str(self.step)})
         self.metrics.write("end", **result)
         if self.acc.is_main_process and self.cfg.logging.plots:
             for path in self.method.plot(self.run_dir):

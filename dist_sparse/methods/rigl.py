@@ -290,6 +290,11 @@ class _MaskedMethod(Method):
 
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Remember the optimizer; map masks onto the (possibly sharded) parameters and apply them."""
+        if D.optimizer_is_deepspeed(optimizer):
+            # ZeRO keeps fp32 master weights and state in flat partitions that these masks do not
+            # reach yet: refuse rather than let the next step bring pruned weights back.
+            raise RuntimeError(f"method {self.name!r} does not support DeepSpeed ZeRO yet (masks would not reach "
+                               "the fp32 master partitions); launch with launch/ddp.yaml or launch/fsdp.yaml")
         super().bind(model, optimizer)
         self._local.clear()
         self._param_cache = None

@@ -274,7 +274,8 @@ def test_submit_two_processes_completes(slurm_cli, slurm_cluster, tmp_path):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["data"]["train_subset"] == 2048 and cfg["run"]["num_processes"] == 2
     assert cfg["run"]["name"] == f"tiny_resnet20_dense-{jid}"
-    assert f"[slurm] job {jid}" in log and "training exited with status 0" in log
+    assert re.search(rf"^\[slurm\] [0-9:]{{8}} job {jid} \({jid}\) restart 0 on ", log, re.M), log[:2000]
+    assert "training exited with status 0" in log
 
 
 @pytest.mark.slurm

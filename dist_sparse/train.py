@@ -469,7 +469,7 @@ def format_result_table(r: dict[str, Any]) -> str:
     acc = r.get("val_acc")
     rows = [("model", r["model"]), ("method", r["method"]), ("backend", f"{r['backend']} x {r['processes']}"),
             ("epochs / steps", f"{r['epochs']} / {r['steps']}"),
-            ("val top-1", f"{100 * acc:.2f} %" if acc is not None else "-"),
+            ("val top-1" if "val_top5" in r else "val token acc", f"{100 * acc:.2f} %" if acc is not None else "-"),
             ("val top-5", f"{100 * r['val_top5']:.2f} %" if "val_top5" in r else "-"),
             ("val loss", f"{r['val_loss']:.4f}" if "val_loss" in r else "-"),
             ("params (total)", f"{r['params']:,}"),

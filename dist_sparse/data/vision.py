@@ -237,6 +237,26 @@ def build_fashion_mnist(cfg, *, rank: int, world_size: int, device, run_dir: str
 _IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
 
+def image_to_uint8(img, size: int, channels: int) -> torch.Tensor:
+    """A PIL image or an array-like (H, W[, C]) as a uint8 tensor (channels, size, size), bilinear resize."""
+    from PIL import Image
+
+    if not isinstance(img, Image.Image):
+        arr = np.asarray(img, dtype=np.uint8)
+        img = Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _stack(images: list[torch.Tensor], channels: int, size: int) -> torch.Tensor:
+    return torch.stack(images) if images else torch.zeros(0, channels, size, size, dtype=torch.uint8)
+
+
 class ImageFolderData:
     """Files of an ``ImageFolder`` layout, decoded with Pillow and resized to a fixed square size.
 
@@ -272,18 +292,11 @@ class ImageFolderData:
     def load(self, i: int) -> torch.Tensor:
         from PIL import Image
 
-        path, _ = self.files[i]
-        with Image.open(path) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            im = im.resize((self.img_size, self.img_size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        with Image.open(self.files[i][0]) as im:
+            return image_to_uint8(im, self.img_size, self.channels)
 
     def get(self, idx: torch.Tensor):
-        x = torch.stack([self.load(int(i)) for i in idx]) if len(idx) else torch.zeros(
-            0, self.channels, self.img_size, self.img_size, dtype=torch.uint8)
+        x = _stack([self.load(int(i)) for i in idx], self.channels, self.img_size)
         y = torch.tensor([self.files[int(i)][1] for i in idx], dtype=torch.int64)
         return x, y
 
@@ -350,24 +363,10 @@ class HFImages:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def _to_tensor(self, img) -> torch.Tensor:
-        from PIL import Image
-
-        if not isinstance(img, Image.Image):
-            arr = np.asarray(img, dtype=np.uint8)
-            img = Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-        img = img.convert("L" if self.channels == 1 else "RGB")
-        if img.size != (self.img_size, self.img_size):
-            img = img.resize((self.img_size, self.img_size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
     def get(self, idx: torch.Tensor):
         rows = self.ds[[int(i) for i in idx]] if len(idx) else {self.image_key: [], self.label_key: []}
-        imgs = [self._to_tensor(im) for im in rows[self.image_key]]
-        x = torch.stack(imgs) if imgs else torch.zeros(0, self.channels, self.img_size, self.img_size, dtype=torch.uint8)
+        x = _stack([image_to_uint8(im, self.img_size, self.channels) for im in rows[self.image_key]],
+                   self.channels, self.img_size)
         return x, torch.tensor(rows[self.label_key], dtype=torch.int64)
 
 

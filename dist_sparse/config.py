@@ -178,6 +178,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         raise ConfigError(key, value, _type_name(tp))
     if origin is Literal:
+        if value is False and "no" in typing.get_args(tp):  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in typing.get_args(tp):
             raise ConfigError(key, value, _type_name(tp))
         return value

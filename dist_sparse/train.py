@@ -47,15 +47,18 @@ PREEMPT_MARKER = "PREEMPTED"  # written into the run directory when a preemption
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, overrides: dict[str, dict]) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW; norms and biases (ndim <= 1) get no weight decay unless configured."""
+    """SGD / Adam / AdamW; norms and biases (ndim <= 1) and the names a model lists in
+    ``no_weight_decay()`` get no weight decay (norms and biases: unless configured)."""
     o = cfg.optim
     decay, no_decay, special = [], [], []
+    # Models may name parameters that the recipe never decays (DeiT: class token, position embedding).
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name in overrides:
             special.append({"params": [p], **overrides[name]})
-        elif p.ndim <= 1 and not o.decay_norm_and_bias:
+        elif (p.ndim <= 1 and not o.decay_norm_and_bias) or name in skip or name.rsplit(".", 1)[-1] in skip:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -424,10 +427,13 @@ class Trainer:
                             if k in row), seconds)
         self.metrics.write("epoch", **row)
         req = None if last else self.method.on_epoch_end(self.unwrapped, self.epoch)
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        self.loss_sum.zero_()
-        self.loss_count = 0
+        # A run stopped by run.max_steps inside an epoch keeps its place: a resume with more steps
+        # finishes this epoch instead of skipping its remaining batches.
+        if self.batch_in_epoch >= self.steps_per_epoch * cfg.optim.grad_accum_steps:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.loss_sum.zero_()
+            self.loss_count = 0
         if req is not None:
             self.rebuild(req)
         if cfg.checkpoint.every_epoch:

@@ -199,6 +199,10 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=0.02)
         nn.init.zeros_(self.patch_embed.proj.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the DeiT recipe never decays (read by the trainer's optimizer builder)."""
+        return {"cls_token", "dist_token", "pos_embed"}
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: images (B, C, H, W). Returns: normed tokens (B, prefix + patches, dim)."""
         x = self.patch_embed(x)

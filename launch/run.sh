@@ -49,7 +49,9 @@ if [ -x "$root/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${PYTHO
   PY="$root/.venv/bin/python"
 fi
 ngpu="$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')"
-if [ -z "$nproc" ]; then
+if [ "$backend" = single ]; then
+  nproc=1                                      # one plain process: it gets all the cores
+elif [ -z "$nproc" ]; then
   if [ "$ngpu" -gt 0 ]; then nproc="$ngpu"; else nproc=2; fi
 fi
 case "$nproc" in ''|*[!0-9]*|0) echo "run.sh: --nproc = '$nproc' is not allowed; expected an integer >= 1" >&2; exit 2;; esac

@@ -129,3 +129,20 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     rows = read_metrics(str(tmp_path / "k"))
     assert rows[-1]["event"] == "end" and rows[-1]["steps"] == 8
     assert not any(n.endswith(".tmp") for n in os.listdir(ck_dir))
+
+
+def test_export_checkpoint_equals_final_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["--config", TINY, "run.max_steps=3", "run.epochs=1", f"run.output_dir={tmp_path}", "run.name=e", *SMALL]
+    run_train(args)
+    out = tmp_path / "exported.safetensors"
+    p = subprocess.run([sys.executable, "-m", "dist_sparse.cli", "export", "--config", TINY, "--checkpoint",
+                        str(tmp_path / "e" / "checkpoints"), "--out", str(out), f"run.output_dir={tmp_path}",
+                        "run.name=e", *SMALL], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step 3" in p.stdout
+    final, exported = load_file(str(tmp_path / "e" / "model.safetensors")), load_file(str(out))
+    assert final.keys() == exported.keys()
+    for k in final:
+        assert torch.equal(final[k], exported[k]), k

@@ -43,6 +43,18 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    """Validate a training command's config without starting any work (launch/run.sh runs it first)."""
+    from .config import load_config
+
+    try:
+        load_config(args.config, list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else []))
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_export(args) -> int:
     from .checkpoint import export_weights
     from .config import load_config
@@ -89,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="checkpoint directory (or a directory of them: newest)")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(func=_cmd_eval)
+    k = sub.add_parser("check", help="validate the config of a training command (one error line, exit 2)")
+    k.add_argument("--config", "-c")
+    k.add_argument("--resume", action="store_true")
+    k.add_argument("overrides", nargs="*")
+    k.set_defaults(func=_cmd_check)
     x = sub.add_parser("export", help="write one consolidated state_dict (safetensors) from a (sharded) checkpoint; "
                                       "launch it like the run that wrote the checkpoint")
     x.add_argument("--config", "-c", required=True)

@@ -65,6 +65,11 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/runs/torch_extensions
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 cd "$root"
 
+# A bad config stops here with one line (exit 2), before any process group is started.
+if [ "$module" = dist_sparse.train ]; then
+  "$PY" -m dist_sparse.cli check "$@" || exit $?
+fi
+
 if [ "$backend" = single ]; then
   unset ACCELERATE_USE_CPU ACCELERATE_USE_DEEPSPEED ACCELERATE_USE_FSDP
   exec "$PY" -m "$module" "$@"

@@ -68,11 +68,14 @@ _COMMON_EXTRA = {
     "spm_max_sentences": 2_000_000,  # train sentencepiece on at most this many sentences (seeded sample)
     "spm_wait_s": 600,  # seconds other ranks wait for rank 0's spm.model when no process group exists
     "max_sentences": 0,  # cap on pairs per global batch (0: only data.max_tokens limits)
+}
+_EVAL_EXTRA = {  # read by the trainer's final evaluation (dist_sparse/tasks.py), valid for every data set
     "bleu_at_end": True,  # decode the bleu_split with beam search at the end of training, report BLEU/chrF
     "bleu_split": "test",  # split decoded at the end (val or test)
     "bleu_limit": 0,  # decode only the first N sentences of that split (0: all)
     "beam_size": 4,  # beam size of the final decoding (1: greedy)
 }
+_COMMON_EXTRA.update(_EVAL_EXTRA)
 _DING_EXTRA = {
     "direction": "de-en",  # de-en (German source) or en-de
     "sentences_only": True,  # keep only sentence pairs (false: also words and phrases, ~390k pairs)
@@ -862,7 +865,7 @@ def synthetic_pairs(task: str, n: int, *, vocab_size: int, min_len: int, max_len
 
 
 def _build_synthetic(task: str, cfg, *, rank: int, world_size: int, device, run_dir: str) -> TranslationBundle:
-    opts = _extra_options(cfg, {**_SYNTH_EXTRA, "max_sentences": _COMMON_EXTRA["max_sentences"]})
+    opts = _extra_options(cfg, {**_SYNTH_EXTRA, "max_sentences": _COMMON_EXTRA["max_sentences"], **_EVAL_EXTRA})
     if not 1 <= opts["min_len"] <= opts["max_len"] <= cfg.data.max_len:
         raise ConfigError("data.extra.max_len", opts["max_len"],
                           f"min_len ({opts['min_len']}) <= max_len <= data.max_len ({cfg.data.max_len})")

@@ -146,3 +146,27 @@ def test_export_checkpoint_equals_final_weights(tmp_path):
     assert final.keys() == exported.keys()
     for k in final:
         assert torch.equal(final[k], exported[k]), k
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    """2 micro-batches of 32 with grad_accum_steps=2 == one batch of 64 (GroupNorm: no batch statistics)."""
+    common = ["--config", TINY, "model.norm=gn", "model.extra.zero_init_residual=true", "run.max_steps=6",
+              "run.epochs=1", "optim.lr=0.05", "run.deterministic=true", "data.augment=false",
+              "checkpoint.every_epoch=false", f"run.output_dir={tmp_path}", *SMALL]
+    run_train(common + ["run.name=big", "data.batch_size=64"])
+    run_train(common + ["run.name=acc", "data.batch_size=32", "optim.grad_accum_steps=2"])
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "big" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    ends = [r for r in read_metrics(str(tmp_path / "acc")) if r["event"] == "end"]
+    assert ends[0]["steps"] == 6  # optimizer steps, not micro-batches
+
+
+def test_world_size_mismatch_is_refused_before_work(tmp_path):
+    p = run_train(["--config", TINY, "run.num_processes=2", f"run.output_dir={tmp_path}"], check=False)
+    assert p.returncode == 2
+    assert "config error: run.num_processes = 2 is not allowed; expected the number of processes this run was " \
+           "launched with (1)" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -73,3 +73,10 @@ def test_every_config_file_loads():
             load_config(f)
         except ConfigError as err:  # a data set that is not installed here is the only excuse
             assert err.key == "data.root" or "install" in str(err), f"{f}: {err}"
+
+
+def test_launcher_rejects_a_bad_config_before_starting_processes():
+    p = subprocess.run(["bash", "launch/run.sh", "ddp", "--nproc", "2", "--", "--config", TINY, "run.epochs=0"],
+                       cwd=ROOT, env=child_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "config error: run.epochs = 0 is not allowed; expected an integer >= 1"

@@ -36,7 +36,8 @@ __all__ = [
     "world_size", "rank", "is_main", "barrier", "layout", "local_view", "distribute_like", "gather_full",
     "full_grad", "full_numel", "full_sum", "full_sum_of_squares", "full_count_nonzero", "full_mean",
     "full_norm", "global_kth_value", "global_topk_mask", "all_reduce_coalesced", "broadcast_object",
-    "assert_same_across_ranks",
+    "assert_same_across_ranks", "optimizer_is_deepspeed", "is_deepspeed_param", "mul_grad_",
+    "mul_optimizer_partitions_",
 ]
 
 try:  # torch >= 2.4 exposes DTensor publicly; older versions keep it under _tensor
@@ -642,3 +643,126 @@ def optimizer_is_deepspeed(optimizer: Any) -> bool:
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
     return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Element-wise edits of gradients, DeepSpeed master weights and optimizer state (masks)
+# ------------------------------------------------------------------------------------------------
+
+
+def is_deepspeed_param(param: torch.Tensor) -> bool:
+    """True when ``param`` is managed by a DeepSpeed ZeRO optimizer (stage 1, 2 or 3).
+
+    Args:
+        param: a model parameter.
+
+    Returns:
+        whether DeepSpeed keeps its gradient / fp32 master / optimizer state in partitions.
+    """
+    return hasattr(param, "_hp_mapping") or getattr(param, "_z3_optimizer", None) is not None
+
+
+def _factor_slice(factor: torch.Tensor, start: int, length: int, like: torch.Tensor) -> torch.Tensor:
+    """Flat elements [start, start + length) of the full ``factor``, shaped and typed like ``like``."""
+    return factor.reshape(-1).narrow(0, start, length).to(device=like.device, dtype=like.dtype).reshape(like.shape)
+
+
+def _z3_local(param: torch.Tensor, key: str | None) -> tuple[torch.Tensor, int]:
+    """(this rank's fp32 partition of the master (key None) or of state ``key``, its first flat index)."""
+    opt = param._z3_optimizer
+    part, _group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start, length, _ = _zero3_span(param)
+    return part.narrow(0, 0, min(length, part.numel())), start
+
+
+def _z3_state_keys(param: torch.Tensor) -> list[str]:
+    opt = param._z3_optimizer
+    group_idx, _, _ = opt.grad_position[opt.get_param_id(param)]
+    flat = opt.fp32_partitioned_groups_flat[group_idx]
+    st = opt.optimizer.state.get(flat, {})
+    return sorted(k for k, v in st.items() if torch.is_tensor(v) and tuple(v.shape) == tuple(flat.shape))
+
+
+def mul_grad_(param: torch.Tensor, factor: torch.Tensor) -> None:
+    """Multiply the (complete, averaged) gradient of ``param`` element-wise by a full-shaped ``factor``.
+
+    No communication: each rank scales only the part of the gradient it holds - ``param.grad``
+    (plain, DTensor shard) or, under DeepSpeed ZeRO, its gradient partition. Call it between the
+    backward pass and the optimizer step; every rank must pass the same ``factor``.
+
+    Args:
+        param: a parameter of any layout.
+        factor: a tensor with the full shape of ``param`` (e.g. a 0/1 mask).
+    """
+    with torch.no_grad():
+        if getattr(param, "_z3_optimizer", None) is not None and param.grad is None:
+            opt = param._z3_optimizer
+            g = opt.get_local_fp32_grad_for_param(param)
+            if g is None:
+                return
+            start, length, _ = _zero3_span(param)
+            valid = g.reshape(-1).narrow(0, 0, min(length, g.numel()))
+            valid.mul_(_factor_slice(factor, start, valid.numel(), valid))
+            opt.set_local_grad_for_param(g, param)
+            return
+        if hasattr(param, "_hp_mapping") and param.grad is None:
+            hp = param._hp_mapping
+            if hp is None:  # this rank's partition holds no element of param
+                return
+            frag = hp.get_lp_grad_fragment(param._index_in_param_group)
+            addr = hp.lp_fragment_address
+            if frag.numel() != addr.numel:  # a full-size buffer (BF16 optimizer): scale it whole
+                frag.mul_(factor.to(device=frag.device, dtype=frag.dtype).reshape(frag.shape))
+            else:
+                frag.mul_(_factor_slice(factor, addr.start, addr.numel, frag))
+            return
+        g = param.grad
+        if g is None:
+            return
+        local_view(g).mul_(distribute_like(factor, param).to(device=local_view(g).device,
+                                                             dtype=local_view(g).dtype))
+
+
+def mul_optimizer_partitions_(param: torch.Tensor, factor: torch.Tensor, master: bool = True,
+                              states: bool | list[str] = True) -> list[str]:
+    """Under DeepSpeed ZeRO, multiply this rank's fp32 master piece and per-element optimizer state.
+
+    No communication; each rank edits only the partition it owns. A no-op (returning ``[]``) for a
+    parameter that DeepSpeed does not manage - there, edit ``param`` and ``optimizer.state`` directly.
+
+    Args:
+        param: a model parameter.
+        factor: a tensor with the full shape of ``param`` (e.g. a 0/1 mask); same on every rank.
+        master: scale the fp32 master weights.
+        states: True for every per-element state tensor that exists (momentum_buffer, exp_avg, ...),
+            False for none, or a list of keys.
+
+    Returns:
+        the optimizer-state keys that were scaled on this rank.
+    """
+    done: list[str] = []
+    with torch.no_grad():
+        if getattr(param, "_z3_optimizer", None) is not None:
+            keys = _z3_state_keys(param) if states is True else list(states or [])
+            for key in ([None] if master else []) + keys:
+                part, start = _z3_local(param, key)
+                part.mul_(_factor_slice(factor, start, part.numel(), part))
+                if key is not None:
+                    done.append(key)
+            return done
+        if not hasattr(param, "_hp_mapping"):
+            return done
+        hp = param._hp_mapping
+        if hp is None:
+            return done
+        addr = hp.lp_fragment_address
+        if master:
+            frag = hp.hp_fragment
+            frag.mul_(_factor_slice(factor, addr.start, addr.numel, frag))
+        avail = dict(hp.optim_fragment or {})
+        keys = sorted(avail) if states is True else [k for k in (states or []) if k in avail]
+        for key in keys:
+            frag = avail[key]
+            frag.mul_(_factor_slice(factor, addr.start, addr.numel, frag))
+            done.append(key)
+    return done

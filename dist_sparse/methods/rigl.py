@@ -20,6 +20,12 @@ weight and averaged gradient are gathered in full (one layer at a time), the dro
 the full layer with the flat-index tie-break, and only the local piece of the new mask is applied to
 the (possibly sharded) weight and optimizer state. Masks are checked to be bit-identical on every rank
 after each update.
+
+DeepSpeed ZeRO-1/2/3: gradients, fp32 master weights and optimizer state live in the engine's flat
+partitions. Each rank masks its own gradient partition every step (:func:`distributed.mul_grad_`, no
+communication), and every mask change (bind, update, pruning) also zeroes the master piece and resets the
+per-element state (``momentum_buffer``, ``exp_avg``, ...) through :func:`distributed.mul_optimizer_partitions_`.
+The engine always steps, so ``skip_sgd_on_update`` must be false there (bind raises a ConfigError).
 """
 from __future__ import annotations
 
@@ -246,6 +252,7 @@ class _MaskedMethod(Method):
         self._local: dict[str, torch.Tensor] = {}  # cached local piece of each mask, in the weight dtype
         self._param_cache: tuple[int, dict[str, torch.Tensor]] | None = None
         self._loaded = False
+        self._deepspeed = False  # bound to a DeepSpeed ZeRO optimizer (grads/master/state in partitions)
 
     # -- densities and masks ---------------------------------------------------------------------
     def _resolve_densities(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
@@ -289,16 +296,26 @@ class _MaskedMethod(Method):
         return model
 
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Remember the optimizer; map masks onto the (possibly sharded) parameters and apply them."""
-        if D.optimizer_is_deepspeed(optimizer):
-            # ZeRO keeps fp32 master weights and state in flat partitions that these masks do not
-            # reach yet: refuse rather than let the next step bring pruned weights back.
-            raise RuntimeError(f"method {self.name!r} does not support DeepSpeed ZeRO yet (masks would not reach "
-                               "the fp32 master partitions); launch with launch/ddp.yaml or launch/fsdp.yaml")
+        """Remember the optimizer; map masks onto the (possibly sharded) parameters and apply them.
+
+        Under DeepSpeed ZeRO the masks also go into the fp32 master partitions and the per-element
+        optimizer state, so the engine's next step cannot bring masked weights back.
+        """
+        self._deepspeed = D.optimizer_is_deepspeed(optimizer)
+        if self._deepspeed and getattr(self.cfg, "skip_sgd_on_update", False):
+            # The DeepSpeed engine always steps (momentum and weight decay still move the weights),
+            # so "an update step has no SGD step" cannot be had exactly.
+            raise ConfigError("method.skip_sgd_on_update", True,
+                              "false under DeepSpeed ZeRO (the engine cannot skip an optimizer step); "
+                              "add method.skip_sgd_on_update=false, or launch with ddp/fsdp")
         super().bind(model, optimizer)
         self._local.clear()
         self._param_cache = None
         self.apply_masks(model)
+        if self._deepspeed:
+            params = self._params(model)
+            for n in self.names:
+                D.mul_optimizer_partitions_(params[n], self.masks[n], master=True, states=True)
 
     def _params(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Sparse weight name -> parameter of ``model`` (wrapper prefixes tolerated)."""
@@ -343,6 +360,9 @@ class _MaskedMethod(Method):
         params = self._params(model)
         with torch.no_grad():
             for n in self.names:
+                if self._deepspeed:  # ZeRO: the gradient lives in the optimizer's partitions
+                    D.mul_grad_(params[n], self.masks[n])
+                    continue
                 g = params[n].grad
                 if g is not None:
                     D.local_view(g).mul_(self._local_mask(n, params[n]))
@@ -367,6 +387,9 @@ class _MaskedMethod(Method):
         with torch.no_grad():
             local = D.local_view(param)
             local.mul_(D.distribute_like(survive, param).to(local.dtype))
+            if self._deepspeed:  # fp32 master piece and optimizer state live in ZeRO partitions
+                D.mul_optimizer_partitions_(param, survive, master=True, states=False)
+                D.mul_optimizer_partitions_(param, ~changed, master=False, states=True)
             reset = D.distribute_like(~changed, param)
             for key, value in self._optimizer_state(param).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) == tuple(param.shape):

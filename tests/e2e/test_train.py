@@ -64,8 +64,14 @@ def _losses(run_dir: str) -> dict[int, float]:
     return out
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    args = ["--config", TINY, "run.epochs=2", "run.deterministic=true", "checkpoint.every_steps=4",
+RIGL = os.path.join(ROOT, "configs", "tiny_resnet20_rigl.yaml")
+
+
+@pytest.mark.parametrize("config, extra", [(TINY, []), (RIGL, ["method.delta_t=5"])], ids=["dense", "rigl"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, config, extra):
+    """SIGKILL mid-run, resume: every later step's loss equals the uninterrupted run's (for RigL the
+    replayed steps include a mask update, so masks, schedule and optimizer state must resume exactly)."""
+    args = ["--config", config, *extra, "run.epochs=2", "run.deterministic=true", "checkpoint.every_steps=4",
             "logging.log_every_steps=1", "data.train_subset=1536", "data.val_subset=256",
             "logging.progress_bar=false", "run.num_processes=0", f"run.output_dir={tmp_path}"]
     run_train(args + ["run.name=ref"])
@@ -92,6 +98,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     ends = [r for r in read_metrics(str(run_dir)) if r["event"] == "end"]
     ref_end = [r for r in read_metrics(str(tmp_path / "ref")) if r["event"] == "end"][0]
     assert ends[-1]["val_acc"] == ref_end["val_acc"]
+    assert ends[-1]["nonzero_params"] == ref_end["nonzero_params"]
 
 
 KILL_IN_SAVE = r"""

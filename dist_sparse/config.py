@@ -356,6 +356,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
             except yaml.YAMLError as err:
                 first = str(err).splitlines()[0]
                 raise ConfigError("--config", path, f"valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path or "<config>", data, "a YAML mapping with sections " + ", ".join(
+            f.name for f in dataclasses.fields(Config)))
     for key, value in parse_overrides(overrides or []):
         _apply_override(data, key, value)
     return config_from_dict(data)

@@ -80,3 +80,44 @@ def test_launcher_rejects_a_bad_config_before_starting_processes():
                        cwd=ROOT, env=child_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip() == "config error: run.epochs = 0 is not allowed; expected an integer >= 1"
+
+
+MALFORMED = {
+    "not_a_mapping": "- run\n- model\n",
+    "bad_yaml": "run: {epochs: 3\n",
+    "unknown_section": "runn:\n  epochs: 3\n",
+    "unknown_run_key": "run:\n  epochz: 3\n",
+    "epochs_string": "run:\n  epochs: three\n",
+    "epochs_zero": "run:\n  epochs: 0\n",
+    "lr_zero": "optim:\n  lr: 0\n",
+    "lr_negative": "optim:\n  lr: -0.1\n",
+    "momentum_too_big": "optim:\n  momentum: 1.5\n",
+    "unknown_optimizer": "optim:\n  name: lion\n",
+    "betas_short": "optim:\n  betas: [0.9]\n",
+    "unknown_model": "model:\n  name: resnet1000\n",
+    "width_negative": "model:\n  width_mult: -1\n",
+    "unknown_dataset": "data:\n  name: imagenet22k\n",
+    "batch_zero": "data:\n  batch_size: 0\n",
+    "missing_data_root": "data:\n  root: /nonexistent/fashion\n",
+    "unknown_method": "method:\n  name: magic\n",
+    "sparsity_one": "method:\n  name: rigl\n  sparsity: 1.0\n",
+    "sparsity_negative": "method:\n  name: rigl\n  sparsity: -0.1\n",
+    "delta_t_zero": "method:\n  name: rigl\n  delta_t: 0\n",
+    "unknown_schedule": "schedule:\n  name: linear\n",
+    "keep_last_zero": "checkpoint:\n  keep_last: 0\n",
+    "method_not_mapping": "method: rigl\n",
+    "bool_as_text": "logging:\n  progress_bar: yes please\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_config_files_stop_with_one_line_and_exit_2(name, tmp_path, capsys):
+    from dist_sparse.train import main
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(MALFORMED[name])
+    assert main(["--config", str(path), f"run.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("config error: "), err
+    assert "Traceback" not in err[0]
+    assert not (tmp_path / "run").exists()  # stopped before any work (no run directory)

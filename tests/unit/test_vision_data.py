@@ -137,3 +137,19 @@ def test_real_fashion_mnist():
     data = load_fashion_mnist()
     assert data["train_x"].shape == (60000, 1, 28, 28) and data["test_x"].shape == (10000, 1, 28, 28)
     assert torch.bincount(data["train_y"]).tolist() == [6000] * 10
+
+
+def test_hf_image_dataset_from_parquet_files(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 8), ("test", 3)):
+        datasets.Dataset.from_dict({"img": [rng.integers(0, 256, (6, 6, 3)).astype(np.uint8).tolist() for _ in range(n)],
+                                    "y": [i % 2 for i in range(n)]}).to_parquet(str(tmp_path / f"{split}.parquet"))
+    cfg = load_config(TINY, ["data.name=hf_image", f"data.root={tmp_path}", "data.batch_size=4",
+                             "data.extra.img_size=6", "data.extra.channels=3", "data.extra.image_key=img",
+                             "data.extra.label_key=y"])
+    b = build_data(cfg, rank=0, world_size=1, device="cpu", run_dir=str(tmp_path))
+    assert b.info["num_classes"] == 2 and b.info["in_chans"] == 3 and len(b.train) == 2
+    x, y = next(b.train.iter_from(0))
+    assert x.shape == (4, 3, 6, 6)
+    assert sorted(torch.cat([yy for _, yy in b.val.iter_from(0)]).tolist()) == [0, 0, 1]

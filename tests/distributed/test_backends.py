@@ -75,6 +75,13 @@ def test_train_and_resume(backend, tmp_path):
     assert [e["epoch"] for e in epochs2] == [2], epochs2  # only the new epoch ran
     assert epochs2[0]["step"] == 3 * epochs[0]["step"]
     assert epochs2[0]["train_loss"] < epochs[0]["train_loss"]
+    # the consolidated export of the (possibly sharded) final state loads into a plain model
+    from safetensors.torch import load_file
+
+    from dist_sparse.models import create_model
+
+    plain = create_model("resnet20", num_classes=10, in_chans=1, norm="gn")
+    plain.load_state_dict(load_file(os.path.join(out, backend, "model.safetensors")), strict=True)
 
 
 @pytest.mark.slow

@@ -230,8 +230,6 @@ class Trainer:
         meta = None
         if resume_from:
             meta = ckpt.read_meta(resume_from)
-            if meta.get("world_size") not in (None, self.world) and self.backend.startswith(("fsdp", "zero")):
-                log.info("resuming a %s-process sharded checkpoint on %d processes", meta["world_size"], self.world)
             self.method.load_state_dict(ckpt.load_method_state(resume_from))
         self._build_model_and_optimizer(start_step=0)
         if resume_from:
@@ -369,7 +367,8 @@ class Trainer:
                 stats = acc.reduce(torch.stack([loss.detach().double(),
                                                 torch.tensor(float(self._preempt), dtype=torch.float64,
                                                              device=loss.device)]), reduction="sum")
-                self.loss_sum += stats[0] / self.world
+                step_loss = stats[0] / self.world
+                self.loss_sum += step_loss
                 self.loss_count += 1
                 if not acc.sync_gradients:
                     continue
@@ -378,10 +377,10 @@ class Trainer:
                 self.step += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{(stats[0] / self.world).item():.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{step_loss.item():.4f}", refresh=False)
                 if cfg.logging.log_every_steps and self.step % cfg.logging.log_every_steps == 0:
                     self.metrics.write("train", step=self.step, epoch=self.epoch,
-                                       loss=float((stats[0] / self.world).item()),
+                                       loss=float(step_loss.item()),
                                        lr=self.scheduler.get_last_lr()[0])
                 if stats[1].item() > 0:  # any rank got the signal: all stop at this same step
                     self.save()

@@ -20,8 +20,7 @@ optimizer steps of the whole run, so schedules count optimizer steps, not micro-
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -170,7 +169,3 @@ def create_method(cfg: MethodConfig, **kw: Any) -> Method:
     if cfg.name not in _REGISTRY:
         raise KeyError(f"unknown method {cfg.name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[cfg.name](cfg, **kw)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

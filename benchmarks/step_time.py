@@ -1,6 +1,8 @@
 """Step time of a method vs dense, measured side by side in one process.
 
-Both runs use the same model, batch, optimizer and number of threads, and are interleaved in rounds
+Both runs go through ``dist_sparse.driver.Driver`` (the step order the trainer uses: regularizer, backward,
+``after_backward``, optimizer step, schedule, ``after_step``) with a plain single-process loop, and use the
+same model, batch, optimizer and number of threads. They are interleaved in rounds
 (dense block, method block, dense block, ...) so that machine noise hits both alike. A block is
 ``delta_t`` optimizer steps, so the method's mask-update step is included once per block: the ratio is
 the average over a whole update period, as RigL's cost claim is stated.
@@ -22,11 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from dist_sparse.config import config_from_dict
+from dist_sparse.driver import Driver, PlainLoop
 from dist_sparse.methods import create_method
+from dist_sparse.methods.base import OptimizerInfo, RunContext
 from dist_sparse.models import create_model
 
 
-def build(args, method_name: str):
+def _loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def build(args, method_name: str, example) -> Driver:
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=10, in_chans=args.in_chans, img_size=args.img_size)
     mdict = {"name": method_name}
@@ -34,13 +43,17 @@ def build(args, method_name: str):
         mdict.update(sparsity=args.sparsity, delta_t=args.delta_t, t_end=1.0)
     cfg = config_from_dict({"model": {"name": args.model}, "method": mdict})
     total = args.rounds * args.delta_t * 2 + 10
-    method = create_method(cfg.method, total_steps=total, steps_per_epoch=total, seed=0)
+    method = create_method(cfg.method, seed=0)
+    method.setup(RunContext(total_steps=total, steps_per_epoch=total,
+                            optimizer=OptimizerInfo("sgd", lr=0.01, weight_decay=5e-4, momentum=0.9),
+                            example_input=example))
     model = method.prepare(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    method.bind(model, opt)
-    return model, opt, method
+    driver = Driver(method, PlainLoop(), _loss)
+    driver.attach(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    return driver
 
 
 def make_batches(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -65,19 +78,11 @@ def make_batches(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randint(0, 10, (args.batch,), generator=g)) for _ in range(n)]
 
 
-def run_block(model, opt, method, batches, start: int, n: int) -> float:
+def run_block(driver: Driver, batches, n: int) -> float:
+    """``n`` optimizer steps through the driver; seconds per step."""
     t0 = time.perf_counter()
-    for step in range(start, start + n):
-        x, y = batches[step % len(batches)]
-        loss = F.cross_entropy(model(x), y)
-        reg = method.regularizer(model)
-        if reg is not None:
-            loss = loss + reg
-        loss.backward()
-        method.after_backward(model, step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        method.after_step(model, step)
+    for _ in range(n):
+        driver.micro_step(batches[driver.step % len(batches)])
     return (time.perf_counter() - t0) / n
 
 
@@ -101,15 +106,14 @@ def main(argv=None) -> int:
     batches = make_batches(args)
     if args.channels_last:
         batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
-    runs = {"dense": build(args, "dense"), args.method: build(args, args.method)}
-    for name, (m, o, meth) in runs.items():  # warm-up (allocations, oneDNN primitives)
-        run_block(m, o, meth, batches, 0, 3)
+    example = (batches[0][0][:1],)
+    runs = {"dense": build(args, "dense", example), args.method: build(args, args.method, example)}
+    for driver in runs.values():  # warm-up (allocations, oneDNN primitives); counts as steps 0-2
+        run_block(driver, batches, 3)
     times: dict[str, list[float]] = {k: [] for k in runs}
-    steps = {k: 0 for k in runs}
     for _ in range(args.rounds):
-        for name, (m, o, meth) in runs.items():
-            times[name].append(run_block(m, o, meth, batches, steps[name], args.delta_t))
-            steps[name] += args.delta_t
+        for name, driver in runs.items():
+            times[name].append(run_block(driver, batches, args.delta_t))
     dense = statistics.median(times["dense"])
     other = statistics.median(times[args.method])
     ratio = other / dense

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 __all__ = ["build_accelerator", "backend_name", "reprepare", "backward", "launched_backend",
-           "fit_fsdp_wrap_classes"]
+           "fit_fsdp_wrap_classes", "step_was_skipped"]
 
 log = logging.getLogger("dist_sparse")
 
@@ -265,3 +265,19 @@ def backward(accelerator: Any, loss: torch.Tensor, on_grads: Any = None) -> None
         if on_grads is not None:
             on_grads()
         engine.step()
+
+
+def step_was_skipped(accelerator: Any, optimizer: Any) -> bool:
+    """True when the optimizer step just taken was skipped (fp16 gradient overflow).
+
+    accelerate's optimizer wrappers report it for torch's GradScaler and for DeepSpeed's loss scaler;
+    a plain torch optimizer never skips.
+
+    Args:
+        accelerator: the Accelerator (or a plain loop object).
+        optimizer: the (prepared) optimizer that was stepped.
+    """
+    try:
+        return bool(getattr(optimizer, "step_was_skipped", False))
+    except Exception:  # a DeepSpeed optimizer without an overflow flag (bf16/fp32): never skips
+        return False

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "find_latest", "read_meta", "load_method_state", "list_checkpoints", "export_weights"]
+__all__ = ["save_checkpoint", "find_latest", "read_meta", "load_method_state", "list_checkpoints", "export_weights",
+           "save_exported", "load_exported"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -113,3 +114,44 @@ def export_weights(accelerator, model, path: str, metadata: dict[str, str] | Non
     save_file(tensors, tmp, metadata=metadata or {})
     os.replace(tmp, path)
     return path
+
+
+def save_exported(model, path: str, metadata: dict[str, str]) -> str:
+    """Write a plain (finalized) model's state dict to one safetensors file, atomically.
+
+    Tied tensors are written once per name as independent copies, so the file loads with
+    ``load_state_dict(strict=True)``. ``metadata`` (strings) tells :func:`load_exported` how to build
+    the architecture.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".part"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_exported(path: str):
+    """The model of an exported file, as plain torch modules (no dist_sparse training modules).
+
+    The registered architecture is built from the stored model name and arguments, the method that
+    finalized it rebuilds its changes from the stored architecture data (pruned channels, low-rank
+    factors, ...), then the weights are loaded strictly. The model is returned in eval mode.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .methods.base import method_class
+    from .models import create_model
+
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if "model" not in meta or "model_kwargs" not in meta:
+        raise ValueError(f"{path} was not written by a dist_sparse export (no model description in its metadata)")
+    model = create_model(meta["model"], **json.loads(meta["model_kwargs"]))
+    arch = json.loads(meta.get("architecture", "{}") or "{}")
+    model = method_class(meta.get("method", "dense")).build_exported(model, arch)
+    model.load_state_dict(load_file(path), strict=True)
+    return model.eval()

@@ -3,6 +3,7 @@
     dist-sparse train --config configs/tiny_resnet20_dense.yaml [key.sub=value ...]
     dist-sparse eval  --config configs/tiny_resnet20_dense.yaml --checkpoint runs/x/checkpoints/step_00000100
     dist-sparse export --config configs/tiny_resnet20_dense.yaml --checkpoint runs/x/checkpoints --out x.safetensors
+    dist-sparse flops --config configs/tiny_resnet20_rigl.yaml [--checkpoint runs/x/checkpoints]
     dist-sparse slurm submit --config configs/tiny_resnet20_dense.yaml --nodes 1 --procs-per-node 2
     dist-sparse models | methods
 """
@@ -56,7 +57,6 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .checkpoint import export_weights
     from .config import load_config
     from .train import Trainer
 
@@ -67,11 +67,58 @@ def _cmd_export(args) -> int:
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return 2
-    path = export_weights(trainer.acc, trainer.model, args.out, {"model": cfg.model.name, "method": cfg.method.name,
-                                                                 "step": str(trainer.step)})
+    path = trainer.export(args.out)  # the finalized model: masks folded, gates removed, factors kept
     if path:
-        print(f"wrote {path} (step {trainer.step}, {trainer.n_params:,} parameters)")
+        print(f"wrote {path} (step {trainer.step}; load it with dist_sparse.load_exported)")
     trainer.acc.end_training()
+    return 0
+
+
+def _cmd_flops(args) -> int:
+    """Per-layer forward FLOPs and densities of a config's model (finalized from a checkpoint, or as
+    the method prepares it at the start of training)."""
+    import tempfile
+
+    import torch
+
+    from .config import load_config
+    from .data import build_data, calibration_batches
+    from .methods import create_method
+    from .metrics.flops import flops_summary, format_flops_table, layer_forward_flops
+    from .metrics.layer_stats import count_parameters, layer_stats
+    from .tasks import build_model, make_task
+
+    try:
+        extra = [f"checkpoint.resume={args.checkpoint}"] if args.checkpoint else []
+        cfg = load_config(args.config, list(args.overrides) + extra + ["logging.progress_bar=false"])
+        if args.checkpoint:
+            from .train import Trainer
+
+            trainer = Trainer(cfg)
+            model, example = trainer.finalized_model(), trainer.method.ctx.example_input
+            dense, where = trainer._registered_model(), f"checkpoint step {trainer.step}"
+            trainer.acc.end_training()
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                data = build_data(cfg, rank=0, world_size=1, device=torch.device("cpu"), run_dir=tmp)
+            task = make_task(data.task, cfg, data.info)
+            example = tuple(x.cpu() for x in task.model_input(next(iter(calibration_batches(data.train, 1)))))
+            torch.manual_seed(cfg.run.seed)
+            dense = build_model(cfg, data.info)
+            torch.manual_seed(cfg.run.seed)
+            method = create_method(cfg.method, seed=cfg.run.seed)
+            model, where = method.finalize(method.prepare(build_model(cfg, data.info))), "initial state"
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    stats = layer_stats(model)
+    print(f"{cfg.model.name} / {cfg.method.name} ({where}); FLOPs per sample, a multiply-add = 2 FLOPs")
+    print(format_flops_table(layer_forward_flops(model, example), stats))
+    total, nonzero = count_parameters(model)
+    summary = flops_summary(model, example, dense_reference=dense)
+    print(f"parameters {total:,} (nonzero {nonzero:,}, {100 * nonzero / max(1, total):.1f} %); forward FLOPs "
+          f"{summary['flops/forward_effective'] / 1e6:.2f} M effective = "
+          f"{100 * summary['flops/forward_fraction']:.1f} % of dense")
     return 0
 
 
@@ -113,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output .safetensors file")
     x.add_argument("overrides", nargs="*")
     x.set_defaults(func=_cmd_export)
+    f = sub.add_parser("flops", help="per-layer FLOPs, parameters and densities of a config's model")
+    f.add_argument("--config", "-c", required=True)
+    f.add_argument("--checkpoint", help="a checkpoint (or a directory of them): the finalized trained model")
+    f.add_argument("overrides", nargs="*")
+    f.set_defaults(func=_cmd_flops)
     sub.add_parser("models", help="list registered models").set_defaults(func=lambda a: _cmd_list("models"))
     sub.add_parser("methods", help="list registered methods").set_defaults(func=lambda a: _cmd_list("methods"))
     try:

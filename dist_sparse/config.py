@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,15 +20,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .errors import ConfigError, check_range  # re-exported: the schema's error type and range check
+
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "parse_overrides"]
-
-
-class ConfigError(ValueError):
-    """A bad config value; ``str(err)`` is the one line shown to the user."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"config error: {key} = {value!r} is not allowed; expected {allowed}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,7 +64,6 @@ class DataConfig:
     name: str = "fashion_mnist"  # data set: fashion_mnist, image_folder, hf_image, ding_de_en, parallel_text, copy, reverse
     root: str = ""  # directory of the data ('' = the default place; $DIST_SPARSE_DATA overrides it)
     batch_size: int = 128  # GLOBAL batch per optimizer micro-step, split evenly across processes
-    num_workers: int = 0  # DataLoader workers per process
     augment: bool = True  # random crop with padding + horizontal flip (images)
     crop_padding: int = 2  # padding of the random crop, pixels
     hflip: bool = True  # random horizontal flip
@@ -248,12 +242,18 @@ def validate(cfg: Config) -> None:
     names = model_names()
     _check(m.name in names, "model.name", m.name, "one of " + ", ".join(names))
     _check(m.width_mult is None or m.width_mult > 0, "model.width_mult", m.width_mult, "a number > 0")
-    from .data import dataset_names
+    from .data import dataset_names, dataset_task
+    from .models import model_family
 
     dnames = dataset_names()
     _check(d.name in dnames, "data.name", d.name, "one of " + ", ".join(dnames))
+    family, task = model_family(m.name), dataset_task(d.name)
+    needs = "translation" if family == "transformer" else "classification"
+    if task != needs:
+        fits = [n for n in dnames if dataset_task(n) == needs]
+        raise ConfigError("data.name", d.name, f"a {needs} data set for model.name={m.name} "
+                          f"({', '.join(fits)}), or a {task} model")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
-    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
     _check(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "an integer >= 0")
     _check(d.train_subset >= 0, "data.train_subset", d.train_subset, "an integer >= 0")
     _check(d.val_subset >= 0, "data.val_subset", d.val_subset, "an integer >= 0")
@@ -284,11 +284,6 @@ def validate(cfg: Config) -> None:
         check()
 
 
-def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
-    """Helper for method configs' ``validate()``: raise ConfigError(key, value, allowed) unless ok."""
-    _check(ok, key, value, allowed)
-
-
 def config_from_dict(data: dict) -> Config:
     """Build and validate a :class:`Config` from a plain mapping (as read from YAML)."""
     from .methods import method_config_class, method_names
@@ -315,6 +310,47 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with two fixes for configs people write by hand.
+
+    * Floats as a person writes them: YAML 1.1 (PyYAML) reads ``3e-5`` and ``1e3`` as strings because
+      they lack a dot; here every spelling Python's ``float()`` accepts in decimal form is a float.
+    * A key given twice in one mapping is an error naming the key and the line (YAML keeps the last
+      one silently).
+    """
+
+
+_FLOAT = re.compile(r"""^[-+]?(?:(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                        |[0-9][0-9_]*[eE][-+]?[0-9]+
+                        |\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in list("-+0123456789."):
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"]
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"{key}", f"given twice (lines {seen[key]} and {line})",
+                              "each key once per mapping")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse config YAML (floats like ``3e-5``, no duplicate keys)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     """``["optim.lr=0.05", "run.name=x"]`` -> ``[("optim.lr", 0.05), ("run.name", "x")]`` (YAML values)."""
     out = []
@@ -324,7 +360,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         out.append((key, value))
@@ -350,12 +386,20 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     if path:
         if not os.path.isfile(path):
             raise ConfigError("--config", path, "the path of an existing YAML file (see configs/)")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as err:
-                first = str(err).splitlines()[0]
-                raise ConfigError("--config", path, f"valid YAML ({first})") from None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as err:
+            raise ConfigError("--config", path, f"a UTF-8 text file (byte {err.start} is not UTF-8)") from None
+        except OSError as err:
+            raise ConfigError("--config", path, f"a readable file ({err.strerror})") from None
+        if "\x00" in text:
+            raise ConfigError("--config", path, "a YAML text file (it holds NUL bytes: a binary file?)")
+        try:
+            data = yaml_load(text) or {}
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError("--config", path, f"valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise ConfigError(path or "<config>", data, "a YAML mapping with sections " + ", ".join(
             f.name for f in dataclasses.fields(Config)))

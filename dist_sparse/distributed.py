@@ -20,6 +20,8 @@ Example::
     from dist_sparse import distributed as D
     density = D.full_count_nonzero(w) / D.full_numel(w)
     keep = D.global_topk_mask(w.abs(), k)            # shaped like D.local_view(w), k ones in total
+    stats = D.batched_full_reduce(weights, lambda x: x.double().square().sum().reshape(1))  # 1 collective
+    D.mul_param_(w, mask); D.mul_optimizer_state_(w, optimizer, mask)   # any layout, no communication
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import contextlib
 import hashlib
 import math
 import pickle
+from collections.abc import Callable, Mapping
 from typing import Any, Iterator
 
 import torch
@@ -37,7 +40,8 @@ __all__ = [
     "full_grad", "full_numel", "full_sum", "full_sum_of_squares", "full_count_nonzero", "full_mean",
     "full_norm", "global_kth_value", "global_topk_mask", "all_reduce_coalesced", "broadcast_object",
     "assert_same_across_ranks", "optimizer_is_deepspeed", "is_deepspeed_param", "mul_grad_",
-    "mul_optimizer_partitions_",
+    "mul_optimizer_partitions_", "count_where", "batched_full_reduce", "global_sum", "broadcast_buffers",
+    "mul_param_", "mul_optimizer_state_", "mask_grad_", "add_grad_", "full_state_dict",
 ]
 
 try:  # torch >= 2.4 exposes DTensor publicly; older versions keep it under _tensor
@@ -378,6 +382,122 @@ def full_norm(t: torch.Tensor) -> torch.Tensor:
     return full_sum_of_squares(t).sqrt()
 
 
+def count_where(t: torch.Tensor, predicate: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Number of entries of the full tensor for which ``predicate`` holds (exact, padding excluded).
+
+    Args:
+        t: a tensor of any layout.
+        predicate: maps a plain tensor (this rank's ``local_view(t)``, detached) to a bool tensor of the
+            same shape, element-wise, e.g. ``lambda x: x.abs() < 1e-3``. It is also called on empty
+            pieces (a rank that holds nothing of ``t``).
+
+    Returns:
+        the count as an int, equal on all ranks (one tiny collective on sharded layouts).
+    """
+    def count(local: torch.Tensor) -> torch.Tensor:
+        hit = predicate(local)
+        if not isinstance(hit, torch.Tensor) or tuple(hit.shape) != tuple(local.shape):
+            got = tuple(hit.shape) if isinstance(hit, torch.Tensor) else type(hit).__name__
+            raise ValueError(f"count_where: the predicate must return a tensor shaped like its input "
+                             f"{tuple(local.shape)} (element-wise), got {got}")
+        return torch.count_nonzero(hit).to(torch.int64)
+
+    return int(_stat(t, count).item())
+
+
+def _contributes(t: torch.Tensor) -> bool:
+    """Whether this rank's ``local_view(t)`` is the one copy of its elements counted in a world-wide sum.
+
+    Plain tensors are replicated: only global rank 0 counts. A DTensor counts on the ranks whose mesh
+    coordinate is 0 along every ``Replicate`` dim (the ``Shard`` dims partition the elements). A ZeRO-3
+    parameter counts on the ranks of the partition group that holds global rank 0 (the whole world for
+    ordinary ZeRO-3; one replica when the partitions are replicated over several groups).
+    """
+    kind = layout(t)
+    if kind == "plain":
+        return rank() == 0
+    if kind == "dtensor":
+        coord = t.device_mesh.get_coordinate()
+        if coord is None:
+            return False
+        for mdim, pl in enumerate(t.placements):
+            if isinstance(pl, Partial):
+                raise NotImplementedError(
+                    "batched_full_reduce: a DTensor with a Partial placement holds unreduced summands; a "
+                    "statistic such as a sum of squares is not additive over them - redistribute it first")
+            if isinstance(pl, Replicate) and coord[mdim] != 0:
+                return False
+        return True
+    _, _, group = _zero3_span(t)
+    if not _initialized() or group is None or dist.get_world_size(group=group) == world_size():
+        return True
+    return 0 in dist.get_process_group_ranks(group)
+
+
+def _comm_device(dev: torch.device) -> torch.device:
+    """The device a collective on a tensor from ``dev`` must use (NCCL needs CUDA tensors)."""
+    if _initialized() and dev.type != "cuda" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def batched_full_reduce(tensors: Mapping[str, torch.Tensor],
+                        fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full-tensor statistics of many (possibly sharded) tensors with one collective.
+
+    For every name, ``fn(local_view(t))`` is a partial statistic of this rank's piece; the partials of
+    all names are flattened together and summed by ONE ``all_reduce`` over the world (one per output
+    dtype if ``fn`` returns several dtypes). Each element of a full tensor is counted exactly once:
+    replicated (plain) tensors contribute on rank 0 only, FSDP2 DTensors contribute their shard on
+    the coordinate-0 ranks of ``Replicate`` mesh dims, ZeRO-3 parameters their valid (unpadded) slice.
+    Layouts may be mixed freely in one call.
+
+    ``fn`` MUST be additive over elements: for any split of a tensor into disjoint pieces,
+    ``fn(whole) == sum(fn(piece))`` (sums, sums of squares, counts, histograms with fixed bins - not
+    means, norms, maxima). It must return a tensor of the same shape and dtype on every rank and for
+    every piece, including an empty one (a rank may hold nothing of a tensor). Use float64 or int64
+    for results that do not depend on the order of summation. Derive means/norms afterwards, e.g.
+    ``out[n][0].sqrt()``. Collective: every rank passes the same names in the same order. (A DTensor's
+    mesh is taken to hold the only copy of it: no other mesh may hold a replica of the same tensor.)
+
+    Args:
+        tensors: name -> tensor of any layout (e.g. every layer's weight).
+        fn: plain tensor -> statistic tensor of a fixed shape, e.g.
+            ``lambda x: torch.stack([x.double().square().sum(), (x != 0).sum().double()])``.
+
+    Returns:
+        name -> the statistic of the FULL tensor (a new plain tensor shaped like ``fn``'s result, on
+        its device), equal on all ranks.
+    """
+    parts: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        v = fn(local_view(t).detach())
+        if not isinstance(v, torch.Tensor) or isinstance(v, DTensor):
+            raise TypeError(f"batched_full_reduce: fn must return a plain tensor; for {name!r} it returned "
+                            f"{type(v).__name__}")
+        if v.dtype == torch.bool:
+            raise TypeError(f"batched_full_reduce: fn returned a bool tensor for {name!r}; sums need a number "
+                            "dtype (int64 for counts)")
+        v = v.detach()
+        parts[name] = v.clone() if _contributes(t) else torch.zeros_like(v)
+    if world_size() == 1 or not parts:
+        return parts
+    groups: dict[torch.dtype, list[str]] = {}
+    for name, v in parts.items():
+        groups.setdefault(v.dtype, []).append(name)
+    dev = _comm_device(next(iter(parts.values())).device)
+    out: dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        flat = torch.cat([parts[n].reshape(-1).to(dev) for n in names])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        off = 0
+        for n in names:
+            m = parts[n].numel()
+            out[n] = flat[off:off + m].reshape(parts[n].shape).to(parts[n].device).clone()
+            off += m
+    return {n: out[n] for n in parts}
+
+
 # ------------------------------------------------------------------------------------------------
 # Exact order statistics without gathering: a multi-way search over order-preserving integer keys
 # ------------------------------------------------------------------------------------------------
@@ -630,6 +750,95 @@ def assert_same_across_ranks(x: Any, what: str) -> str:
     return h
 
 
+class _GlobalSum(torch.autograd.Function):
+    """Forward: all-reduce SUM over the world. Backward: all-reduce SUM of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.detach().clone(memory_format=torch.contiguous_format)
+        if world_size() > 1:
+            dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = grad.detach().clone(memory_format=torch.contiguous_format)
+        if world_size() > 1:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of ``x`` over all ranks (an identity copy in a single process).
+
+    For a regulariser of a statistic of the GLOBAL batch, e.g. ``R(global_sum(s_local) / N)`` where
+    ``s_local`` is this rank's per-sample statistic summed over its samples and ``N`` the global batch
+    size. The backward pass all-reduces (sums) the incoming gradient. With W ranks, rank r's autograd
+    then gives ``W * R'(S) * ds_r/dtheta`` (S = sum_r s_r); a backend that AVERAGES parameter gradients
+    over ranks (DDP, FSDP/FSDP2, DeepSpeed ZeRO all do) turns this into ``R'(S) * dS/dtheta`` - exactly
+    the single-process gradient on the global batch. This holds when:
+
+    * every rank adds the same term ``R(global_sum(...))`` once to its loss and calls backward
+      through it (the backward is a collective too: a rank that skips it hangs the others), and
+    * the backend averages gradients (divides the sum over ranks by W). A backend that only sums
+      them would need the term divided by W.
+
+    (The usual task loss, a mean over the local batch, matches the global mean under averaging when
+    every rank has the same number of samples.)
+
+    Args:
+        x: a plain tensor (any shape) on the device of the process group's backend (CUDA for NCCL).
+
+    Returns:
+        a new tensor of ``x``'s shape and dtype holding the sum over ranks, equal on all ranks.
+    """
+    if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
+        raise TypeError(f"global_sum takes a plain per-rank tensor, got {type(x).__name__}")
+    return _GlobalSum.apply(x)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> int:
+    """Copy every buffer of ``module`` (BatchNorm running stats, counters, ...) from rank ``src`` to all.
+
+    In place, in the order of ``module.named_buffers()``, coalesced into one broadcast per (dtype,
+    device); tensors stay on their device (CPU buffers go through CUDA under NCCL). A DTensor buffer
+    whose placements are all ``Replicate`` is broadcast through its local copy; a sharded DTensor
+    buffer is skipped (each rank legitimately holds a different piece). A collective: every rank
+    calls it with the same module structure. No communication in a single process.
+
+    Args:
+        module: the (possibly wrapped) model.
+        src: global rank whose values win.
+
+    Returns:
+        the number of buffers broadcast (the same on all ranks; counted also in a single process).
+    """
+    bufs: list[torch.Tensor] = []
+    for _name, b in module.named_buffers():
+        if isinstance(b, DTensor):
+            if not all(isinstance(pl, Replicate) for pl in b.placements):
+                continue
+            b = local_view(b)
+        bufs.append(b)
+    if world_size() == 1 or not bufs:
+        return len(bufs)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for b in bufs:
+        groups.setdefault((b.dtype, b.device), []).append(b)
+    with torch.no_grad():
+        for (dtype, device), members in groups.items():
+            wire = torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool collectives
+            dev = _comm_device(device)
+            flat = torch.cat([b.detach().reshape(-1).to(device=dev, dtype=wire) for b in members])
+            dist.broadcast(flat, src=src)
+            off = 0
+            for b in members:
+                m = b.numel()
+                b.copy_(flat[off:off + m].reshape(b.shape))
+                off += m
+    return len(bufs)
+
+
 def optimizer_is_deepspeed(optimizer: Any) -> bool:
     """True when ``optimizer`` (possibly wrapped by accelerate) is driven by a DeepSpeed engine.
 
@@ -766,3 +975,230 @@ def mul_optimizer_partitions_(param: torch.Tensor, factor: torch.Tensor, master:
             frag.mul_(_factor_slice(factor, addr.start, addr.numel, frag))
             done.append(key)
     return done
+
+
+mask_grad_ = mul_grad_  # the name methods use for "zero the gradient where the mask is 0"
+
+
+def _ds_loss_scale(opt: Any) -> float:
+    """Current loss scale of a DeepSpeed ZeRO optimizer (1.0 without fp16 loss scaling)."""
+    try:
+        return float(getattr(opt, "loss_scale", 1.0) or 1.0)
+    except (TypeError, ValueError):  # a custom scaler that is not a number yet
+        return 1.0
+
+
+def mul_param_(param: torch.Tensor, factor: torch.Tensor, master: bool = True) -> None:
+    """Multiply the weight element-wise by a full-shaped ``factor`` (e.g. a 0/1 mask), any layout.
+
+    No communication: each rank scales the piece it holds (``local_view(param)``). Under ZeRO-3 a
+    parameter whose full data is currently present (persistent small parameters, or inside a
+    gather) is scaled there too, so the next forward sees the change. Under DeepSpeed ZeRO-1/2/3 the
+    fp32 master piece is scaled as well when ``master`` (otherwise the next optimizer step would
+    write the old values back).
+
+    Args:
+        param: a parameter of any layout.
+        factor: a tensor with the full shape of ``param``, identical on every rank.
+        master: also scale DeepSpeed's fp32 master copy (no-op for parameters DeepSpeed does not manage).
+    """
+    with torch.no_grad():
+        local = local_view(param)
+        local.mul_(distribute_like(factor, param).to(device=local.device, dtype=local.dtype))
+        if layout(param) == "zero3" and param.ds_numel > 0 and param.data.numel() == param.ds_numel:
+            full = param.data
+            full.mul_(factor.to(device=full.device, dtype=full.dtype).reshape(full.shape))
+        if master:
+            mul_optimizer_partitions_(param, factor, master=True, states=False)
+
+
+def _torch_param_state(optimizer: Any, param: torch.Tensor) -> Mapping[str, Any]:
+    """``optimizer.state[param]`` of a torch optimizer, looking through wrappers (``.optimizer``)."""
+    opt = optimizer
+    for _ in range(5):
+        if opt is None:
+            break
+        state = getattr(opt, "state", None)
+        if isinstance(state, Mapping) and param in state:
+            return state[param]
+        opt = getattr(opt, "optimizer", None)
+    return {}
+
+
+def mul_optimizer_state_(param: torch.Tensor, optimizer: Any, factor: torch.Tensor) -> list[str]:
+    """Multiply every per-element optimizer state tensor of ``param`` by a full-shaped ``factor``.
+
+    Per-element states are the tensors with the parameter's full shape (``momentum_buffer``,
+    ``exp_avg``, ``exp_avg_sq``, ...); 0-dim entries such as ``step`` are left alone. For an FSDP2
+    parameter the state is a DTensor and its local shard is scaled; under DeepSpeed ZeRO-1/2/3 the
+    state lives in flat fp32 partitions and this rank's piece is scaled. No communication.
+
+    Args:
+        param: a parameter of any layout.
+        optimizer: a torch optimizer, an accelerate ``AcceleratedOptimizer`` (``.optimizer``), or a
+            DeepSpeed optimizer / engine wrapper.
+        factor: a tensor with the full shape of ``param``, identical on every rank.
+
+    Returns:
+        the state keys scaled on this rank, sorted (under ZeRO-1/2 a rank whose partition holds no
+        element of ``param`` returns ``[]``; before the first step there is no state).
+
+    Raises:
+        RuntimeError: naming the key, when a state tensor with the parameter's full shape has a local
+            piece whose shape differs from ``local_view(param)`` (e.g. a plain full tensor as the state
+            of a sharded parameter).
+    """
+    if is_deepspeed_param(param):
+        return sorted(mul_optimizer_partitions_(param, factor, master=False, states=True))
+    state = _torch_param_state(optimizer, param)
+    want_full = tuple(_full_shape(param))
+    want_local = tuple(local_view(param).shape)
+    piece = None
+    done: list[str] = []
+    with torch.no_grad():
+        for key in sorted(state, key=str):
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or tuple(value.shape) != want_full:
+                continue
+            lv = local_view(value)
+            if tuple(lv.shape) != want_local:
+                raise RuntimeError(
+                    f"mul_optimizer_state_: optimizer state {key!r} has local shape {tuple(lv.shape)} "
+                    f"({layout(value)}), but the parameter's local piece is {want_local} ({layout(param)}); "
+                    "cannot scale it element-wise")
+            if piece is None:
+                piece = distribute_like(factor, param)
+            lv.mul_(piece.to(device=lv.device, dtype=lv.dtype))
+            done.append(key)
+    return done
+
+
+def add_grad_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Add a full-shaped tensor to the complete (averaged) gradient of ``param``, any layout.
+
+    Call it between the backward pass and the optimizer step. No communication: each rank adds the
+    matching piece of ``full`` to the part of the gradient it holds - ``param.grad`` (plain), the
+    DTensor gradient's local shard, or under DeepSpeed the ZeRO-1/2 gradient fragment / the ZeRO-3
+    fp32 gradient partition (multiplied by the current fp16 loss scale, since DeepSpeed keeps those
+    gradients scaled until the step). The step then equals one process's step with
+    ``param.grad + full``. A missing ``param.grad`` (plain, DTensor) is created as ``zeros + full``.
+
+    Args:
+        param: a parameter of any layout.
+        full: a tensor with the full shape of ``param``, identical on every rank.
+    """
+    shape = tuple(_full_shape(param))
+    if tuple(full.shape) != shape:
+        raise ValueError(f"add_grad_: tensor has shape {tuple(full.shape)}, the parameter's full shape is {shape}")
+    with torch.no_grad():
+        if getattr(param, "_z3_optimizer", None) is not None and param.grad is None:
+            opt = param._z3_optimizer
+            g = opt.get_local_fp32_grad_for_param(param)
+            if g is None:  # frozen parameter: no gradient partition
+                return
+            start, length, _ = _zero3_span(param)
+            valid = g.reshape(-1).narrow(0, 0, min(length, g.numel()))
+            valid.add_(_factor_slice(full, start, valid.numel(), valid), alpha=_ds_loss_scale(opt))
+            opt.set_local_grad_for_param(g, param)
+            return
+        if hasattr(param, "_hp_mapping") and param.grad is None:
+            hp = param._hp_mapping
+            if hp is None:  # this rank's partition holds no element of param
+                return
+            scale = _ds_loss_scale(getattr(param, "_zero_optimizer", None))
+            frag = hp.get_lp_grad_fragment(param._index_in_param_group)
+            addr = hp.lp_fragment_address
+            if frag.numel() != addr.numel:  # a full-size buffer (BF16 optimizer): add to all of it
+                frag.add_(full.to(device=frag.device, dtype=frag.dtype).reshape(frag.shape), alpha=scale)
+            else:
+                frag.add_(_factor_slice(full, addr.start, addr.numel, frag), alpha=scale)
+            return
+        g = param.grad
+        if g is None:
+            if layout(param) == "zero3":
+                raise RuntimeError("add_grad_: this ZeRO-3 parameter has neither param.grad nor a DeepSpeed "
+                                   "optimizer gradient partition")
+            local = local_view(param)
+            # a copy: distribute_like may return a view of the caller's ``full``
+            piece = distribute_like(full, param).to(device=local.device, dtype=local.dtype, copy=True)
+            if isinstance(param, DTensor):
+                param.grad = DTensor.from_local(piece, param.device_mesh, param.placements, run_check=False,
+                                                shape=param.shape, stride=param.stride())
+            else:
+                param.grad = piece.reshape(param.shape)
+            return
+        lg = local_view(g)
+        lg.add_(distribute_like(full, param).to(device=lg.device, dtype=lg.dtype))
+
+
+_WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrap_container(module: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / DeepSpeed engine containers (their ``module.`` prefix is not in the plain keys)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for _ in range(4):
+        if isinstance(module, DistributedDataParallel) or type(module).__name__ == "DeepSpeedEngine":
+            module = module.module
+        else:
+            break
+    return module
+
+
+def _full_param_cpu(p: torch.Tensor, fp32_master: bool) -> torch.Tensor:
+    """The full value of parameter ``p`` as a new plain CPU tensor (a collective on sharded layouts)."""
+    if fp32_master and is_deepspeed_param(p):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        v = safe_get_full_fp32_param(p)  # collective under ZeRO-1/2/3; None for a frozen ZeRO-3 param
+        if v is not None:
+            return v.detach().reshape(_full_shape(p)).to("cpu", copy=True)
+    kind = layout(p)
+    if kind == "dtensor":
+        return p.detach().full_tensor().to("cpu", copy=True)
+    if kind == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            return p.data.detach().to("cpu", copy=True)
+    return p.detach().to("cpu", copy=True)
+
+
+def full_state_dict(module: torch.nn.Module, fp32_master: bool = True) -> dict[str, torch.Tensor]:
+    """The full state dict of a possibly sharded module, as plain CPU tensors on EVERY rank.
+
+    Keys are those of the plain module's ``state_dict()``: a DDP / DeepSpeed engine container is
+    looked through, and the wrapper tokens ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``
+    and ``_orig_mod.`` are removed. Tied parameters appear under every name (gathered once). FSDP2
+    parameters are gathered with ``full_tensor()``, ZeRO-3 parameters with ``GatheredParameters``.
+    With ``fp32_master`` a parameter DeepSpeed manages (ZeRO-1/2/3) comes from the optimizer's fp32
+    master copy instead of the bf16/fp16 weight, so a surgery under mixed precision starts from the
+    exact fp32 values. Buffers are copied as they are. A collective: every rank calls it.
+
+    Args:
+        module: the model (plain, DDP, FSDP2, DeepSpeed engine or the module inside one).
+        fp32_master: take DeepSpeed's fp32 master weights where there are any.
+
+    Returns:
+        key -> new CPU tensor (non-tensor entries such as ``_extra_state`` are passed through).
+    """
+    inner = _unwrap_container(module)
+    param_ids = {id(p) for p in inner.parameters()}
+    done: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in inner.state_dict(keep_vars=True).items():
+        for tok in _WRAPPER_TOKENS:
+            key = key.replace(tok, "")
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+            continue
+        vid = id(value)
+        if vid not in done:
+            if vid in param_ids:
+                done[vid] = _full_param_cpu(value, fp32_master)
+            else:  # a buffer (or a tensor a state-dict hook produced)
+                t = value.detach()
+                done[vid] = (t.full_tensor() if isinstance(t, DTensor) else t).to("cpu", copy=True)
+        out[key] = done[vid]
+    return out

@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 from .models import create_model, model_family
 
-__all__ = ["build_model", "Task", "ClassificationTask", "TranslationTask", "make_task"]
+__all__ = ["build_model", "model_kwargs", "Task", "ClassificationTask", "TranslationTask", "make_task"]
 
 
-def build_model(cfg, info: dict[str, Any]) -> nn.Module:
-    """Create ``cfg.model.name`` with the shape facts of the data (classes, channels, vocabulary)."""
+def model_kwargs(cfg, info: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``cfg.model.name``'s entry function for this data (None values dropped);
+    stored with an export so that the architecture can be built again without the config."""
     m = cfg.model
     family = model_family(m.name)
     if family == "transformer":
@@ -28,11 +29,16 @@ def build_model(cfg, info: dict[str, Any]) -> nn.Module:
                   img_size=m.img_size or info.get("img_size"), width_mult=m.width_mult, stem=m.stem, norm=m.norm,
                   drop_path_rate=m.drop_path_rate)
     kw.update(m.extra)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def build_model(cfg, info: dict[str, Any]) -> nn.Module:
+    """Create ``cfg.model.name`` with the shape facts of the data (classes, channels, vocabulary)."""
+    kw = model_kwargs(cfg, info)
     try:
-        return create_model(m.name, **kw)
+        return create_model(cfg.model.name, **kw)
     except TypeError as err:
-        raise ConfigError(f"model ({m.name})", {k: v for k, v in kw.items() if v is not None},
-                          f"arguments that {m.name} accepts ({err})") from None
+        raise ConfigError(f"model ({cfg.model.name})", kw, f"arguments that {cfg.model.name} accepts ({err})") from None
 
 
 class Task:
@@ -44,12 +50,22 @@ class Task:
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def model_input(self, batch) -> tuple:
+        """The positional arguments of the model's forward for ``batch``."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch) -> torch.Tensor:
+        return model(*self.model_input(batch))
+
     def evaluate(self, model: nn.Module, loader, accelerator, epoch: int) -> dict[str, float]:
         raise NotImplementedError
 
 
 class ClassificationTask(Task):
     name = "classification"
+
+    def model_input(self, batch) -> tuple:
+        return (batch[0],)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
@@ -83,6 +99,9 @@ class TranslationTask(Task):
     def __init__(self, cfg, info: dict[str, Any], world_size: int = 1):
         super().__init__(cfg, info)
         self.world_size = world_size
+
+    def model_input(self, batch) -> tuple:
+        return (batch["src"], batch["tgt_in"])
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         """Summed token loss / tokens of the GLOBAL batch x world size: after DDP's gradient mean this is

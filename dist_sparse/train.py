@@ -29,11 +29,14 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .backend import backend_name, backward, build_accelerator, reprepare
+from .backend import backend_name, build_accelerator, reprepare
 from .config import Config, ConfigError, config_to_dict, load_config
-from .data import build_data
+from .data import build_data, calibration_batches
+from .driver import Driver, run_surgery
+from .errors import RunError
 from .methods import Rebuild, create_method
-from .tasks import build_model, make_task
+from .methods.base import OptimizerInfo, RunContext
+from .tasks import build_model, make_task, model_kwargs
 
 __all__ = ["Trainer", "run", "main", "PREEMPT_MARKER"]
 
@@ -48,20 +51,30 @@ PREEMPT_MARKER = "PREEMPTED"  # written into the run directory when a preemption
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, overrides: dict[str, dict]) -> torch.optim.Optimizer:
     """SGD / Adam / AdamW; norms and biases (ndim <= 1) and the names a model lists in
-    ``no_weight_decay()`` get no weight decay (norms and biases: unless configured)."""
+    ``no_weight_decay()`` get no weight decay (norms and biases: unless configured).
+
+    A method's per-parameter override (``overrides[name]``) inherits every option it does not name
+    from the group the parameter would have joined (so ``{"lr": 0.01}`` keeps the run's weight decay).
+    """
     o = cfg.optim
     decay, no_decay, special = [], [], []
     # Models may name parameters that the recipe never decays (DeiT: class token, position embedding).
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    unknown = set(overrides) - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"param_group_overrides names parameters the model does not have: {sorted(unknown)[:5]}")
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        plain_decay = not ((p.ndim <= 1 and not o.decay_norm_and_bias) or name in skip
+                           or name.rsplit(".", 1)[-1] in skip)
         if name in overrides:
-            special.append({"params": [p], **overrides[name]})
-        elif (p.ndim <= 1 and not o.decay_norm_and_bias) or name in skip or name.rsplit(".", 1)[-1] in skip:
-            no_decay.append(p)
-        else:
+            special.append({"params": [p], "weight_decay": o.weight_decay if plain_decay else 0.0,
+                            **overrides[name]})
+        elif plain_decay:
             decay.append(p)
+        else:
+            no_decay.append(p)
     groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]] + special
     if o.name == "sgd":
@@ -87,9 +100,11 @@ def lr_factor(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) ->
     return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(cfg: Config, optimizer, total_steps: int, steps_per_epoch: int, start_step: int = 0):
+def build_scheduler(cfg: Config, optimizer, total_steps: int, steps_per_epoch: int, start_step: int = 0,
+                    scale: Any = None):
+    """The run's schedule as a LambdaLR; ``scale()`` (a method's ``lr_scale``) multiplies every value."""
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch))
+        optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch) * (scale() if scale else 1.0))
     for _ in range(start_step):  # continue from the global step (after a rebuild)
         sched.step()
     return sched
@@ -147,12 +162,10 @@ def _setup_logging(run_dir: str, rank: int, rank_logs: bool) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, nonzero) parameters of the whole model, however it is sharded."""
-    total = nonzero = 0
-    for p in model.parameters():
-        total += int(dist.full_numel(p))
-        nonzero += int(dist.full_count_nonzero(p))
-    return total, nonzero
+    """(total, nonzero) parameters of the whole model, however it is sharded (see metrics.layer_stats)."""
+    from .metrics.layer_stats import count_parameters as count
+
+    return count(model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,8 +237,9 @@ class Trainer:
         self.best_acc, self.last_eval = 0.0, {}
         self.rebuilds: list[dict] = []
 
-        self.method = create_method(cfg.method, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                                    seed=r.seed)
+        self.method = create_method(cfg.method, seed=r.seed)
+        self.method.setup(self._run_context())
+        self.driver = Driver(self.method, self.acc, self.task.loss, grad_clip=cfg.optim.grad_clip)
         resume_from = self._resume_path()
         meta = None
         if resume_from:
@@ -236,29 +250,45 @@ class Trainer:
             self._load(resume_from, meta)
 
     # -- construction -------------------------------------------------------------------------
-    def _plain_model(self) -> torch.nn.Module:
-        """The current architecture as a plain module: the registered model + the method's surgery."""
+    def _run_context(self) -> RunContext:
+        o = self.cfg.optim
+        first = next(iter(calibration_batches(self.data.train, 1)))
+        example = tuple(x.detach().cpu() for x in self.task.model_input(first))
+        return RunContext(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, world_size=self.world,
+                          rank=self.acc.process_index, seed=self.cfg.run.seed,
+                          optimizer=OptimizerInfo(name=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                                  momentum=o.momentum if o.name == "sgd" else 0.0),
+                          example_input=example, calibration=lambda n: calibration_batches(self.data.train, n),
+                          forward=self.task.forward, device=self.acc.device, run_dir=self.run_dir)
+
+    def _registered_model(self) -> torch.nn.Module:
+        """The registered architecture with the run's initial weights (identical on every rank)."""
         with torch.random.fork_rng(devices=[]):  # identical initial weights, global RNG untouched
             torch.manual_seed(self.cfg.run.seed)
             model = build_model(self.cfg, self.data.info)
         if self.cfg.run.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return self.method.prepare(model)
+        return model
+
+    def _plain_model(self) -> torch.nn.Module:
+        """The current architecture as a plain module: the registered model + the method's surgery."""
+        return self.method.prepare(self._registered_model())
 
     def _build_model_and_optimizer(self, start_step: int, state_dict: dict | None = None) -> None:
         model = self._plain_model()
         if state_dict is not None:
             model.load_state_dict(state_dict, strict=True)
         optimizer = build_optimizer(self.cfg, model, self.method.param_group_overrides(model))
-        scheduler = build_scheduler(self.cfg, optimizer, self.total_steps, self.steps_per_epoch, start_step)
+        scheduler = build_scheduler(self.cfg, optimizer, self.total_steps, self.steps_per_epoch, start_step,
+                                    scale=lambda: self.method.lr_scale)
         # Model and optimizer go through prepare together (FSDP2 needs both in one call). The scheduler
-        # is stepped by us once per optimizer step, so it is only registered for checkpointing.
+        # is stepped by the driver once per optimizer step, so it is only registered for checkpointing.
         self.model, self.optimizer = reprepare(self.acc, model, optimizer)
         self.scheduler = scheduler
         self.acc._custom_objects = [o for o in self.acc._custom_objects  # drop a pre-rebuild scheduler
                                     if not isinstance(o, torch.optim.lr_scheduler.LRScheduler)]
         self.acc.register_for_checkpointing(self.scheduler)
-        self.method.bind(self.unwrapped, self.optimizer)
+        self.driver.attach(self.model, self.optimizer, self.scheduler)
         total, nonzero = count_parameters(self.unwrapped)
         self.n_params, self.n_nonzero = total, nonzero
         log.info("model=%s method=%s params=%d nonzero=%d steps/epoch=%d total steps=%d", self.cfg.model.name,
@@ -298,6 +328,7 @@ class Trainer:
         self.loss_sum.fill_(meta["loss_sum"])
         self.loss_count, self.best_acc, self.rebuilds = meta["loss_count"], meta["best_acc"], meta["rebuilds"]
         self.acc.step = self.step * self.cfg.optim.grad_accum_steps  # keeps accumulate() in phase
+        self.driver.step = self.step
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
         if self.acc.is_main_process:
             marker = os.path.join(self.run_dir, PREEMPT_MARKER)
@@ -317,19 +348,8 @@ class Trainer:
     # -- rebuild ------------------------------------------------------------------------------
     def rebuild(self, req: Rebuild) -> None:
         """Apply ``req.surgery`` to the full model and re-prepare model, optimizer and schedule."""
-        full = self.acc.get_state_dict(self.model)  # collective; full weights (rank 0 at least)
-        # Rank 0 loads the full weights into a plain copy of the current architecture and runs the
-        # surgery; its result is broadcast, so every rank starts from bit-identical weights.
-        new_sd = None
-        if self.acc.is_main_process:
-            old = self._plain_model()
-            old.load_state_dict({k: v.cpu() for k, v in full.items()}, strict=True)
-            new_sd = {k: v.detach().cpu().contiguous() for k, v in req.surgery(old).state_dict().items()}
-            del old
-        if req.commit is not None:
-            req.commit()  # every rank: the method's state now describes the new architecture
-        new_sd = dist.broadcast_object(new_sd, src=0)
-        del full
+        dist.broadcast_buffers(self.unwrapped)  # BatchNorm statistics: rank 0's everywhere (FSDP2/ZeRO)
+        new_sd = run_surgery(self.unwrapped, req, self._plain_model)
         self.model = self.optimizer = None
         gc.collect()
         self._build_model_and_optimizer(start_step=self.step, state_dict=new_sd)
@@ -352,29 +372,19 @@ class Trainer:
             for batch in self.data.train.iter_from(self.epoch, self.batch_in_epoch):
                 if self.batch_in_epoch >= n_batches:
                     break
-                with acc.accumulate(self.model):
-                    with acc.autocast():
-                        loss = self.task.loss(self.model, batch)
-                        reg = self.method.regularizer(self.unwrapped)
-                        total = loss if reg is None else loss + reg
-                    # on_grads runs once the gradient of this optimizer step is complete (and, under
-                    # DeepSpeed, before the engine steps): the method sees it, then it is clipped.
-                    backward(acc, total, self._on_grads)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                res = self.driver.micro_step(batch)
+                loss = res.loss
                 self.batch_in_epoch += 1
                 # One small collective per micro-batch: the global mean loss and the preemption flag.
-                stats = acc.reduce(torch.stack([loss.detach().double(),
+                stats = acc.reduce(torch.stack([loss.double(),
                                                 torch.tensor(float(self._preempt), dtype=torch.float64,
                                                              device=loss.device)]), reduction="sum")
                 step_loss = stats[0] / self.world
                 self.loss_sum += step_loss
                 self.loss_count += 1
-                if not acc.sync_gradients:
+                if not res.synced:
                     continue
-                self.scheduler.step()
-                self.method.after_step(self.unwrapped, self.step)
-                self.step += 1
+                self.step = self.driver.step
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss.item():.4f}", refresh=False)
@@ -402,20 +412,18 @@ class Trainer:
             self._end_epoch(time.time() - epoch_start, final=stop)
         return self._finish(time.time() - start)
 
-    def _on_grads(self) -> None:
-        self.method.after_backward(self.unwrapped, self.step)
-        if self.cfg.optim.grad_clip > 0:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-
     def _end_epoch(self, seconds: float, final: bool = False) -> None:
         cfg = self.cfg
         train_loss = float(self.loss_sum.item()) / max(1, self.loss_count)
         row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss,
                                "lr": self.scheduler.get_last_lr()[0], "epoch_time": round(seconds, 2)}
         last = final or self.epoch + 1 >= cfg.run.epochs or self.step >= self.total_steps
+        if last:  # e.g. prune physically: before the final evaluation and export
+            req = self.driver.end_train()
+            if req is not None:
+                self.rebuild(req)
         if last or (self.epoch + 1) % cfg.run.eval_every_epochs == 0:
-            self.model.eval()
-            self.last_eval = self.task.evaluate(self.model, self.data.val, self.acc, self.epoch)
+            self.last_eval = self.evaluate()
             row.update(self.last_eval)
             self.best_acc = max(self.best_acc, self.last_eval.get("val_acc", 0.0))
         report = self.method.report()
@@ -425,7 +433,7 @@ class Trainer:
                  " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.last_eval.items()
                             if k in row), seconds)
         self.metrics.write("epoch", **row)
-        req = None if last else self.method.on_epoch_end(self.unwrapped, self.epoch)
+        req = None if last else self.driver.end_epoch(self.epoch, {k: v for k, v in row.items() if k != "method"})
         # A run stopped by run.max_steps inside an epoch keeps its place: a resume with more steps
         # finishes this epoch instead of skipping its remaining batches.
         if self.batch_in_epoch >= self.steps_per_epoch * cfg.optim.grad_accum_steps:
@@ -438,18 +446,56 @@ class Trainer:
         if cfg.checkpoint.every_epoch:
             self.save()
 
+    def evaluate(self) -> dict[str, Any]:
+        """Validation metrics, reduced exactly over ranks (BatchNorm statistics of rank 0 everywhere)."""
+        dist.broadcast_buffers(self.unwrapped)
+        self.model.eval()
+        out = self.task.evaluate(self.model, self.data.val, self.acc, self.epoch)
+        self.model.train()
+        return out
+
+    def finalized_model(self) -> torch.nn.Module:
+        """The inference model (``method.finalize`` of the full weights) as a plain module, on every rank.
+
+        Collective: every rank gathers the full weights.
+        """
+        dist.broadcast_buffers(self.unwrapped)
+        full = dist.full_state_dict(self.unwrapped, fp32_master=True)
+        plain = self._plain_model()
+        plain.load_state_dict(full, strict=True)
+        return self.method.finalize(plain).eval()
+
+    def export(self, path: str) -> str | None:
+        """Write the finalized model to ``path`` (safetensors, with what ``load_exported`` needs)."""
+        model = self.finalized_model()
+        meta = export_metadata(self.cfg, self.data.info, self.method, self.step)
+        out = ckpt.save_exported(model, path, meta) if self.acc.is_main_process else None
+        self.acc.wait_for_everyone()
+        return out
+
     def _finish(self, seconds: float) -> dict[str, Any]:
-        total, nonzero = count_parameters(self.unwrapped)
+        final = self.finalized_model()
+        total, nonzero = count_parameters(final)
         result = {"model": self.cfg.model.name, "method": self.cfg.method.name, "backend": self.backend,
                   "processes": self.world, "steps": self.step, "epochs": self.epoch, "params": total,
                   "nonzero_params": nonzero, "time_s": round(seconds, 1), **self.last_eval,
                   "best_acc": self.best_acc}
+        try:  # inference FLOPs of the finalized model vs the registered dense architecture
+            from .metrics.flops import flops_summary
+
+            fl = flops_summary(final, self.method.ctx.example_input, dense_reference=self._registered_model())
+            result.update({k: v for k, v in fl.items() if isinstance(v, (int, float))})
+        except Exception as err:  # FLOPs are a report, never a reason to lose a finished run
+            log.warning("FLOPs not counted: %s", err)
         extra = self.task.final_metrics(self.model, self.data, self.acc, self.run_dir) \
             if hasattr(self.task, "final_metrics") else {}
         result.update(extra)
         if self.cfg.checkpoint.save_final:
-            ckpt.export_weights(self.acc, self.model, os.path.join(self.run_dir, "model.safetensors"),
-                                {"model": self.cfg.model.name, "method": self.cfg.method.name, "step": str(self.step)})
+            if self.acc.is_main_process:
+                ckpt.save_exported(final, os.path.join(self.run_dir, "model.safetensors"),
+                                   export_metadata(self.cfg, self.data.info, self.method, self.step))
+            self.acc.wait_for_everyone()
+        del final
         self.metrics.write("end", **result)
         if self.acc.is_main_process and self.cfg.logging.plots:
             for path in self.method.plot(self.run_dir):
@@ -458,6 +504,13 @@ class Trainer:
             print(format_result_table(result), flush=True)
         self.metrics.close()
         return result
+
+
+def export_metadata(cfg: Config, info: dict[str, Any], method, step: int) -> dict[str, str]:
+    """What an exported file carries besides its tensors (all strings, as safetensors wants)."""
+    return {"format": "dist_sparse.export/1", "model": cfg.model.name,
+            "model_kwargs": json.dumps(model_kwargs(cfg, info), sort_keys=True), "method": cfg.method.name,
+            "architecture": json.dumps(method.architecture(), sort_keys=True), "step": str(step)}
 
 
 def _progress(cfg: Config, acc, total: int, initial: int, epoch: int):
@@ -480,6 +533,8 @@ def format_result_table(r: dict[str, Any]) -> str:
             ("params (total)", f"{r['params']:,}"),
             ("params (nonzero)", f"{r['nonzero_params']:,} ({100 * r['nonzero_params'] / max(1, r['params']):.1f} %)"),
             ("train time", f"{r['time_s']:.1f} s")]
+    if "flops/forward_fraction" in r:
+        rows.insert(-1, ("inference FLOPs vs dense", f"{100 * r['flops/forward_fraction']:.1f} %"))
     if "bleu" in r:
         rows.insert(5, ("BLEU", f"{r['bleu']:.2f}"))
     w = max(len(k) for k, _ in rows)
@@ -523,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(str(err), file=sys.stderr, flush=True)
         return 2
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0 if result is not None else 1
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-__all__ = ["DataBundle", "EpochLoader", "register_dataset", "dataset_names", "build_data"]
+__all__ = ["DataBundle", "EpochLoader", "register_dataset", "dataset_names", "dataset_task", "build_data",
+           "calibration_batches"]
 
 
 class EpochLoader(Protocol):
@@ -34,9 +35,14 @@ class DataBundle:
 _BUILDERS: dict[str, Callable[..., DataBundle]] = {}
 
 
-def register_dataset(name: str):
+_TASKS: dict[str, str] = {}
+
+
+def register_dataset(name: str, task: str = "classification"):
+    """Register a data-set builder under ``name``; ``task`` is "classification" or "translation"."""
     def deco(fn):
         _BUILDERS[name] = fn
+        _TASKS[name] = task
         return fn
 
     return deco
@@ -58,6 +64,12 @@ def dataset_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def dataset_task(name: str) -> str:
+    """The task a registered data set serves ("classification" or "translation")."""
+    _load_builtin()
+    return _TASKS[name]
+
+
 def build_data(cfg, *, rank: int, world_size: int, device, run_dir: str) -> DataBundle:
     """Build the data set named by ``cfg.data.name`` for this rank.
 
@@ -69,3 +81,20 @@ def build_data(cfg, *, rank: int, world_size: int, device, run_dir: str) -> Data
     """
     _load_builtin()
     return _BUILDERS[cfg.data.name](cfg, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
+
+
+def calibration_batches(loader: EpochLoader, n: int, epoch: int = 0) -> Iterator[Any]:
+    """Up to ``n`` training batches without augmentation, in the seeded order of ``epoch``.
+
+    Each rank gets its rows of the same global batches, so statistics all-reduced over them do not
+    depend on the number of processes. The loader itself is not changed (a shallow copy is used).
+    """
+    import copy
+
+    clean = copy.copy(loader)
+    if hasattr(clean, "augment"):
+        clean.augment = False
+    for i, batch in enumerate(clean.iter_from(epoch, 0)):
+        if i >= n:
+            break
+        yield batch

@@ -45,7 +45,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import DataBundle, register_dataset
 
 __all__ = [
@@ -788,7 +788,7 @@ def ding_path(cfg) -> str:
     return path
 
 
-@register_dataset("ding_de_en")
+@register_dataset("ding_de_en", task="translation")
 def build_ding_de_en(cfg, *, rank: int, world_size: int, device, run_dir: str) -> TranslationBundle:
     """German-English sentence pairs from the Ding dictionary, fixed seeded split (docs/translation.md).
 
@@ -816,7 +816,7 @@ def build_ding_de_en(cfg, *, rank: int, world_size: int, device, run_dir: str) -
                         opts=opts, info=info)
 
 
-@register_dataset("parallel_text")
+@register_dataset("parallel_text", task="translation")
 def build_parallel_text(cfg, *, rank: int, world_size: int, device, run_dir: str) -> TranslationBundle:
     """Your own parallel corpus: plain aligned files, TSV, JSONL or a ``datasets`` directory.
 
@@ -881,13 +881,13 @@ def _build_synthetic(task: str, cfg, *, rank: int, world_size: int, device, run_
                         device=device, run_dir=run_dir, opts=opts, info=info)
 
 
-@register_dataset("copy")
+@register_dataset("copy", task="translation")
 def build_copy(cfg, *, rank: int, world_size: int, device, run_dir: str) -> TranslationBundle:
     """Synthetic copy task (target = source); ``data.extra`` keys in ``_SYNTH_EXTRA``."""
     return _build_synthetic("copy", cfg, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
 
 
-@register_dataset("reverse")
+@register_dataset("reverse", task="translation")
 def build_reverse(cfg, *, rank: int, world_size: int, device, run_dir: str) -> TranslationBundle:
     """Synthetic reverse task (target = reversed source); ``data.extra`` keys in ``_SYNTH_EXTRA``."""
     return _build_synthetic("reverse", cfg, rank=rank, world_size=world_size, device=device, run_dir=run_dir)

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import DataBundle, register_dataset
 
 __all__ = ["FASHION_MNIST_DIRS", "load_idx_images", "load_idx_labels", "load_fashion_mnist", "ImageLoader",

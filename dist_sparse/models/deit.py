@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import register_model
 
 __all__ = ["Attention", "Mlp", "Block", "DropPath", "PatchEmbed", "VisionTransformer", "WRAP_CLASSES",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "GroupNorm2d", "WRAP_CLASSES", "resnet20", "resnet32",

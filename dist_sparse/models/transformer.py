@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import register_model
 
 __all__ = ["MultiheadAttention", "EncoderLayer", "DecoderLayer", "Encoder", "Decoder", "Seq2SeqTransformer",

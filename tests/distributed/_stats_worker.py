@@ -60,6 +60,8 @@ def check_tensor(full: torch.Tensor, sharded: torch.Tensor, where: str) -> None:
     torch.testing.assert_close(D.full_sum(sharded).cpu(), f64.sum(), msg=f"sum {where}")
     torch.testing.assert_close(D.full_sum_of_squares(sharded).cpu(), f64.square().sum(), msg=f"sumsq {where}")
     assert D.full_count_nonzero(sharded) == int(torch.count_nonzero(full)), f"nnz {where}"
+    assert D.count_where(sharded, lambda x: x > 0.5) == int((full > 0.5).sum()), f"count_where {where}"
+    assert D.count_where(sharded, lambda x: x == 0) == int((full == 0).sum()), f"count_where == 0 {where}"
     torch.testing.assert_close(D.full_mean(sharded).cpu(), f64.mean(), msg=f"mean {where}")
     torch.testing.assert_close(D.full_norm(sharded).cpu(), f64.norm(), msg=f"norm {where}")
     flat = full.reshape(-1)
@@ -95,6 +97,47 @@ def check_writeback(full: torch.Tensor, sharded: torch.Tensor, where: str) -> No
         assert torch.equal(g.cpu(), expected), f"writeback gather {where}"
 
 
+def _stat_fn(x: torch.Tensor) -> torch.Tensor:
+    """An additive float64 statistic: [sum, sum of squares, count of non-zeros, count of x > 0.5]."""
+    x = x.double()
+    return torch.stack([x.sum(), x.square().sum(), (x != 0).sum().double(), (x > 0.5).sum().double()])
+
+
+def _int_stat_fn(x: torch.Tensor) -> torch.Tensor:
+    """An additive int64 statistic of shape (2, 2)."""
+    return torch.stack([(x > 0).sum(), (x < 0).sum(), (x == 0).sum(), torch.tensor(x.numel())]).reshape(2, 2)
+
+
+def check_batched(named: dict[str, tuple[torch.Tensor, torch.Tensor]], where: str) -> None:
+    """batched_full_reduce over name -> (full, sharded) of mixed layouts: one all_reduce, exact values."""
+    sharded = {n: s for n, (_f, s) in named.items()}
+    for fn in (_stat_fn, _int_stat_fn):
+        calls = []
+        real = dist.all_reduce if dist.is_initialized() else None
+
+        def counting(*args, **kwargs):
+            calls.append(args[0].numel())
+            return real(*args, **kwargs)
+
+        if real is not None:
+            dist.all_reduce = counting
+        try:
+            got = D.batched_full_reduce(sharded, fn)
+        finally:
+            if real is not None:
+                dist.all_reduce = real
+        expected_calls = 1 if dist.is_initialized() and dist.get_world_size() > 1 else 0
+        assert len(calls) == expected_calls, f"batched_full_reduce {where}: {len(calls)} all_reduce calls"
+        assert list(got) == list(sharded), f"batched_full_reduce {where}: keys/order"
+        for n, (full, _s) in named.items():
+            want = fn(full)
+            assert got[n].dtype == want.dtype and got[n].shape == want.shape, f"{where} {n}: {got[n]}"
+            if want.dtype == torch.float64:
+                torch.testing.assert_close(got[n].cpu(), want, rtol=1e-12, atol=1e-12, msg=f"{where} {n}")
+            else:
+                assert torch.equal(got[n].cpu(), want), f"{where} {n}: {got[n]} != {want}"
+
+
 # -------------------------------------------------------------------------------- layouts
 
 
@@ -115,6 +158,7 @@ def worker_plain(rank: int, world: int, port: int, seeds: list[int]) -> None:
                 check_tensor(full, full.clone(), f"plain seed={seed} #{i} {tuple(full.shape)}")
                 p = torch.nn.Parameter(full.clone())
                 check_writeback(full, p, f"plain writeback seed={seed} #{i}")
+            check_batched({f"t{i}": (f, f.clone()) for i, f in enumerate(full_tensors(seed))}, f"plain seed={seed}")
         _check_replicated_helpers(rank, world)
     finally:
         dist.destroy_process_group()
@@ -157,9 +201,10 @@ def worker_fsdp2(rank: int, world: int, port: int, seeds: list[int]) -> None:
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
+        mesh2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("rep", "shard"))
         for seed in seeds:
             fulls = full_tensors(seed)
             mod = _Holder([f.shape for f in fulls])
@@ -167,6 +212,14 @@ def worker_fsdp2(rank: int, world: int, port: int, seeds: list[int]) -> None:
                 for i, f in enumerate(fulls):
                     getattr(mod, f"p{i}").copy_(f)
             fully_shard(mod, mesh=mesh)
+            # one call mixing FSDP2 shards, Shard(-1) and Replicate DTensors, a 2-D (Replicate, Shard)
+            # mesh (HSDP-like) and replicated plain tensors
+            named = {f"fsdp{i}": (f, getattr(mod, f"p{i}")) for i, f in enumerate(fulls)}
+            named.update({f"plain{i}": (f, f.clone()) for i, f in enumerate(fulls[:3])})
+            named["shard_last"] = (fulls[0], distribute_tensor(fulls[0].clone(), mesh, [Shard(1)]))
+            named["replicate"] = (fulls[1], distribute_tensor(fulls[1].clone(), mesh, [Replicate()]))
+            named["hsdp"] = (fulls[2], distribute_tensor(fulls[2].clone(), mesh2, [Replicate(), Shard(0)]))
+            check_batched(named, f"mixed fsdp2/plain seed={seed}")
             for i, f in enumerate(fulls):
                 p = getattr(mod, f"p{i}")
                 assert isinstance(p, DTensor), type(p)
@@ -187,7 +240,12 @@ def worker_zero3(rank: int, world: int, port: int, seeds: list[int]) -> None:
     _init(rank, world, port)
     try:
         import deepspeed
-        import deepspeed.comm.torch as ds_torch_comm
+        import importlib
+
+        # (``import deepspeed.comm.torch as m`` binds the real torch package: deepspeed.comm imports torch)
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel on first use (~40 s
         # here); it only speeds up all_reduce and is not what we test, so skip it.
@@ -205,7 +263,18 @@ def worker_zero3(rank: int, world: int, port: int, seeds: list[int]) -> None:
                     p.data.copy_(f)
                 assert D.layout(p) == "zero3" and p.ds_tensor.numel() * world >= f.numel()
                 check_tensor(f, p, f"zero3 seed={seed} #{i} {tuple(f.shape)}")
-                check_writeback(f, p, f"zero3 writeback seed={seed} #{i}")
+            # one call mixing ZeRO-3 partitions, FSDP2 shards and replicated plain tensors
+            holder = _Holder([f.shape for f in fulls])
+            with torch.no_grad():
+                for i, f in enumerate(fulls):
+                    getattr(holder, f"p{i}").copy_(f)
+            fully_shard(holder, mesh=init_device_mesh("cpu", (world,)))
+            named = {f"z3_{i}": (f, getattr(mod, f"p{i}")) for i, f in enumerate(fulls)}
+            named.update({f"fsdp{i}": (f, getattr(holder, f"p{i}")) for i, f in enumerate(fulls)})
+            named.update({f"plain{i}": (f, f.clone()) for i, f in enumerate(fulls[::2])})
+            check_batched(named, f"mixed zero3/fsdp2/plain seed={seed}")
+            for i, f in enumerate(fulls):
+                check_writeback(f, getattr(mod, f"p{i}"), f"zero3 writeback seed={seed} #{i}")
     finally:
         dist.destroy_process_group()
 

@@ -1,6 +1,8 @@
 """dist_sparse.distributed on 2 gloo processes: every statistic of a sharded tensor equals the value
 computed on the full tensor in one process, for replicated (plain/DDP), FSDP2 DTensor and DeepSpeed
 ZeRO-3 layouts, over seeded shapes whose dims 2 ranks cannot split evenly and values full of ties.
+``count_where`` is checked per tensor, ``batched_full_reduce`` in single calls that mix layouts
+(plain + FSDP2 + Replicate/HSDP DTensors; ZeRO-3 + FSDP2 + plain), counting its all_reduce calls (one).
 
 Run: python -m pytest -q tests/distributed/test_distributed_stats.py
 """
@@ -78,6 +80,7 @@ def _single_process_checks() -> None:
         for full in W.full_tensors(seed):
             W.check_tensor(full, full.clone(), f"single seed={seed} {tuple(full.shape)}")
             W.check_writeback(full, torch.nn.Parameter(full.clone()), f"single writeback seed={seed}")
+        W.check_batched({f"t{i}": (f, f.clone()) for i, f in enumerate(W.full_tensors(seed))}, f"single seed={seed}")
     assert D.world_size() == 1 and D.rank() == 0 and D.is_main()
     D.barrier()
     assert D.broadcast_object({"a": 1}) == {"a": 1}
@@ -92,3 +95,8 @@ def _single_process_checks() -> None:
         D.global_topk_mask(torch.ones(4), 5)
     with pytest.raises(ValueError, match="full shape"):
         D.distribute_like(torch.ones(3), torch.ones(4))
+    with pytest.raises(ValueError, match="shaped like its input"):
+        D.count_where(torch.ones(4), lambda x: x.sum() > 0)
+    with pytest.raises(TypeError, match="bool"):
+        D.batched_full_reduce({"a": torch.ones(2)}, lambda x: x > 0)
+    assert D.batched_full_reduce({}, lambda x: x.sum()) == {}

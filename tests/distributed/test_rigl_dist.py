@@ -34,7 +34,11 @@ def _method():
     from dist_sparse.methods import create_method
 
     cfg = config_from_dict({"method": dict(FIELDS)}).method
-    return create_method(cfg, total_steps=10, steps_per_epoch=10, seed=7)
+    from dist_sparse.methods.base import RunContext
+
+    method = create_method(cfg, seed=7)
+    method.setup(RunContext(total_steps=10, steps_per_epoch=10))
+    return method
 
 
 def _global_batch(step: int):
@@ -103,7 +107,8 @@ def _corrupt_check(rank: int) -> str:
     from dist_sparse.surgery.masking import make_generator, random_mask
 
     method = _method()
-    method.prepare(_model())
+    model = method.prepare(_model())
+    method.bind(model, torch.optim.SGD(model.parameters(), lr=0.1))
     if rank == 1:
         n = method.names[1]
         method.masks[n] = random_mask(method.shapes[n], method.active[n], make_generator(99, n))

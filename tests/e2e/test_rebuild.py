@@ -36,7 +36,7 @@ class SplitFC(Method):
         if self.split:              # resume / rebuild: build the post-surgery architecture
             model = factorize_fc(model)
         return model
-    def on_epoch_end(self, model, epoch):
+    def on_epoch_end(self, model, epoch, metrics=None):
         if epoch == 0 and not self.split:
             def commit():
                 self.split = True

@@ -11,6 +11,7 @@ from torch import nn
 
 from dist_sparse.config import ConfigError, config_from_dict
 from dist_sparse.methods import create_method
+from dist_sparse.methods.base import RunContext
 from dist_sparse.methods.rigl import GMP, DropSchedule, GMPSchedule, RigL, RigLConfig
 from dist_sparse.surgery import masking as M
 
@@ -22,7 +23,9 @@ def _mlp(seed: int = 0) -> nn.Module:
 
 def _method(name: str = "rigl", total_steps: int = 40, seed: int = 0, **fields):
     cfg = config_from_dict({"method": {"name": name, **fields}}).method
-    return create_method(cfg, total_steps=total_steps, steps_per_epoch=10, seed=seed)
+    method = create_method(cfg, seed=seed)
+    method.setup(RunContext(total_steps=total_steps, steps_per_epoch=10))
+    return method
 
 
 def _optimizer(model, kind="sgd", wd=1e-2):
@@ -346,7 +349,8 @@ def test_load_rejects_other_method_and_model():
     with pytest.raises(ValueError, match="method state"):
         _method("set").load_state_dict(rigl.state_dict())
     other = _method("rigl")
-    other.prepare(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    small = other.prepare(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    other.bind(small, torch.optim.SGD(small.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="sparse weights differ"):
         other.load_state_dict(rigl.state_dict())
 

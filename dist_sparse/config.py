@@ -154,11 +154,20 @@ def _type_name(tp: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
+def _plain(value: Any) -> Any:
+    """Nested YAML data with every remembered-spelling float turned into a plain float."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return float(value) if isinstance(value, float) and type(value) is not float else value
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -190,17 +199,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(key, value, "a number")
         return float(value)
     if tp is str:
+        if isinstance(value, _Number) and value.text:
+            return value.text
         if not isinstance(value, str):
             raise ConfigError(key, value, "a string")
         return value
     if tp is list or origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, value, "a list")
-        return list(value)
+        return _plain(list(value))
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, value, "a mapping")
-        return dict(value)
+        return _plain(dict(value))
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, key)
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
@@ -238,6 +249,9 @@ def validate(cfg: Config) -> None:
     _check(r.num_processes >= 0, "run.num_processes", r.num_processes, "an integer >= 0 (0: any)")
     _check(r.eval_every_epochs >= 1, "run.eval_every_epochs", r.eval_every_epochs, "an integer >= 1")
     _check(r.eval_batch_size >= 0, "run.eval_batch_size", r.eval_batch_size, "an integer >= 0")
+    if r.num_processes:
+        _check(cfg.data.batch_size % r.num_processes == 0, "data.batch_size", cfg.data.batch_size,
+               f"a multiple of run.num_processes ({r.num_processes}): it is the global batch, split evenly")
     _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
     names = model_names()
     _check(m.name in names, "model.name", m.name, "one of " + ", ".join(names))
@@ -331,6 +345,22 @@ for _first in list("-+0123456789."):
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
+class _Number(float):
+    """A float read from YAML that remembers how it was written (for a string field such as a run
+    name ``1e5``, which YAML 1.1 kept as text)."""
+
+    text: str = ""
+
+
+def _float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    value = _Number(yaml.SafeLoader.construct_yaml_float(loader, node))
+    value.text = node.value
+    return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _float)
+
+
 def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
@@ -395,6 +425,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
             raise ConfigError("--config", path, f"a readable file ({err.strerror})") from None
         if "\x00" in text:
             raise ConfigError("--config", path, "a YAML text file (it holds NUL bytes: a binary file?)")
+        if not text.strip() or all(not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()):
+            raise ConfigError("--config", path, "a YAML mapping with sections " + ", ".join(
+                f.name for f in dataclasses.fields(Config)) + " (the file is empty)")
         try:
             data = yaml_load(text) or {}
         except yaml.YAMLError as err:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 __all__ = [
     "world_size", "rank", "is_main", "barrier", "layout", "local_view", "distribute_like", "gather_full",
-    "full_grad", "full_numel", "full_sum", "full_sum_of_squares", "full_count_nonzero", "full_mean",
+    "full_grad", "full_shape", "full_numel", "full_sum", "full_sum_of_squares", "full_count_nonzero", "full_mean",
     "full_norm", "global_kth_value", "global_topk_mask", "all_reduce_coalesced", "broadcast_object",
     "assert_same_across_ranks", "optimizer_is_deepspeed", "is_deepspeed_param", "mul_grad_",
     "mul_optimizer_partitions_", "count_where", "batched_full_reduce", "global_sum", "broadcast_buffers",
@@ -201,10 +201,14 @@ def distribute_like(full: torch.Tensor, param: torch.Tensor, as_dtensor: bool = 
     return full
 
 
-def _full_shape(t: torch.Tensor) -> torch.Size:
+def full_shape(t: torch.Tensor) -> torch.Size:
+    """The shape of the full tensor (``param.ds_shape`` for a ZeRO-3 partition; no communication)."""
     if layout(t) == "zero3":
         return t.ds_shape
     return t.shape
+
+
+_full_shape = full_shape
 
 
 def _all_reduce_local(value: torch.Tensor, t: torch.Tensor, op: Any = None) -> torch.Tensor:

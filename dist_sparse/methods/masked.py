@@ -252,7 +252,7 @@ class MaskedMethod(Method):
         if not targets:
             raise ConfigError("method.include", c.include,
                               "globs that match at least one Conv/Linear weight of the model (minus method.exclude)")
-        return {clean_name(n): tuple(D.full_shape(p) if hasattr(D, 'full_shape') else D._full_shape(p)) for n, p in targets}
+        return {clean_name(n): tuple(D.full_shape(p)) for n, p in targets}
 
     def _initial_state(self, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, float], MaskSet]:
         """Densities and masks of a fresh run: a pure function of (config, seed, shapes)."""

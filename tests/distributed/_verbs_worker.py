@@ -203,29 +203,26 @@ def _check_add_grad_creates(p: torch.Tensor, where: str) -> None:
     p.grad = saved
 
 
-def worker_torch(rank: int, world: int, port: int) -> None:
-    _init(rank, world, port)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def part_torch(rank: int, world: int) -> None:
+    """DDP and FSDP2 verbs (SGD momentum, AdamW), global_sum, broadcast_buffers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        mesh = init_device_mesh("cpu", (world,))
-        for kind in ("sgd", "adamw"):
-            inner = _model()
-            _scenario(_torch_run(DDP(inner), inner, kind, world, rank), _reference(kind, world), kind, f"ddp {kind}")
-            fs = _model()
-            fully_shard(fs, mesh=mesh)
-            run = _torch_run(fs, fs, kind, world, rank)
-            assert all(D.layout(p) == "dtensor" for p in run.params.values())
-            _scenario(run, _reference(kind, world), kind, f"fsdp2 {kind}")
-            if kind == "adamw":
-                _check_add_grad_creates(run.params["0.weight"], "fsdp2")
-                _check_mismatched_state(run.params["0.weight"], run.optimizer)
-        _check_global_sum(rank, world)
-        _check_broadcast_buffers(rank, world)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    for kind in ("sgd", "adamw"):
+        inner = _model()
+        _scenario(_torch_run(DDP(inner), inner, kind, world, rank), _reference(kind, world), kind, f"ddp {kind}")
+        fs = _model()
+        fully_shard(fs, mesh=mesh)
+        run = _torch_run(fs, fs, kind, world, rank)
+        assert all(D.layout(p) == "dtensor" for p in run.params.values())
+        _scenario(run, _reference(kind, world), kind, f"fsdp2 {kind}")
+        if kind == "adamw":
+            _check_add_grad_creates(run.params["0.weight"], "fsdp2")
+            _check_mismatched_state(run.params["0.weight"], run.optimizer)
+    _check_global_sum(rank, world)
+    _check_broadcast_buffers(rank, world)
 
 
 def _check_mismatched_state(p: torch.Tensor, opt: torch.optim.Optimizer) -> None:
@@ -369,35 +366,48 @@ def _check_bf16_master(stage: int, world: int, rank: int) -> None:
             assert not sd[name][~edits[name]["w"]].any(), f"zero{stage} bf16 {name}: masked weight moved ({fp32})"
 
 
-def worker_deepspeed(rank: int, world: int, port: int) -> None:
+def part_deepspeed(rank: int, world: int) -> None:
+    """ZeRO-1 (SGD momentum), ZeRO-2 and ZeRO-3 (SGD momentum, AdamW) verbs; bf16 master weights."""
+    import importlib
+
+    import deepspeed
+
+    # (``import deepspeed.comm.torch as m`` binds the real torch package: deepspeed.comm imports torch)
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    # skip the JIT build of DeepSpeed's CPU shared-memory all-reduce kernel (~40 s; see _stats_worker)
+    ds_torch_comm.build_shm_op = lambda: None
+    # deepspeed.initialize imports its Muon optimizer, whose @torch.compile decorators import inductor
+    # (~6 s per process); Muon is not used here, so let those decorators be the identity
+    ds_compiler = importlib.import_module("deepspeed.runtime.compiler")
+    ds_compiler.compile = lambda: ds_compiler.dummy_decorator
+    deepspeed.init_distributed(dist_backend="gloo")
+    for stage in (1, 2, 3):
+        for kind in ("sgd",) if stage == 1 else ("sgd", "adamw"):  # ZeRO-1 shares ZeRO-2's code path
+            run = _ds_run(stage, kind, world, rank)
+            where = f"zero{stage} {kind}"
+            lay = {D.layout(p) for p in run.params.values()}
+            assert lay == ({"zero3"} if stage == 3 else {"plain"}) and all(
+                D.is_deepspeed_param(p) for p in run.params.values()), f"{where}: {lay}"
+            if stage == 3:
+                run.before_edit = lambda run=run: _check_zero3_presence(run)
+            _scenario(run, _reference(kind, world), kind, where)
+        _check_bf16_master(stage, world, rank)
+
+
+PARTS: dict[str, Callable[[int, int], None]] = {"torch": part_torch, "deepspeed": part_deepspeed}
+
+
+def worker(rank: int, world: int, port: int, parts: list[str], done_dir: str | None = None) -> None:
+    """Run the named parts in one process group (one spawn: process start-up dominates the cost).
+
+    After each part rank 0 writes ``<done_dir>/<part>.ok``, so a failure can be told apart per part.
+    """
     _init(rank, world, port)
     try:
-        import deepspeed
-        import importlib
-
-        # (``import deepspeed.comm.torch as m`` binds the real torch package: deepspeed.comm imports torch)
-        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-
-        # skip the JIT build of DeepSpeed's CPU shared-memory all-reduce kernel (~40 s; see _stats_worker)
-        ds_torch_comm.build_shm_op = lambda: None
-        # deepspeed.initialize imports its Muon optimizer, whose @torch.compile decorators import inductor
-        # (~6 s per process); Muon is not used here, so let those decorators be the identity
-        ds_compiler = importlib.import_module("deepspeed.runtime.compiler")
-        ds_compiler.compile = lambda: ds_compiler.dummy_decorator
-        deepspeed.init_distributed(dist_backend="gloo")
-        for stage in (1, 2, 3):
-            for kind in ("sgd",) if stage == 1 else ("sgd", "adamw"):  # ZeRO-1 shares ZeRO-2's code path
-                run = _ds_run(stage, kind, world, rank)
-                where = f"zero{stage} {kind}"
-                lay = {D.layout(p) for p in run.params.values()}
-                assert lay == ({"zero3"} if stage == 3 else {"plain"}) and all(
-                    D.is_deepspeed_param(p) for p in run.params.values()), f"{where}: {lay}"
-                if stage == 3:
-                    run.before_edit = lambda run=run: _check_zero3_presence(run)
-                _scenario(run, _reference(kind, world), kind, where)
-            _check_bf16_master(stage, world, rank)
+        for part in parts:
+            PARTS[part](rank, world)
+            dist.barrier()
+            if done_dir and rank == 0:
+                open(os.path.join(done_dir, f"{part}.ok"), "w").close()
     finally:
         dist.destroy_process_group()
-
-
-WORKERS: dict[str, Callable] = {"torch": worker_torch, "deepspeed": worker_deepspeed}

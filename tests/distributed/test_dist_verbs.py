@@ -41,11 +41,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(name: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(W.WORKERS[name], args=(WORLD, _free_port()), nprocs=WORLD, join=True)
-
-
 def _deepspeed_skip_reason() -> str | None:
     if importlib.util.find_spec("deepspeed") is None:
         return "deepspeed is not installed (pip install deepspeed)"
@@ -56,19 +51,42 @@ def _deepspeed_skip_reason() -> str | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> tuple[str, str | None]:
+    """Both multi-process parts in ONE spawn (process start-up costs more than the checks).
+
+    Returns (folder with one ``<part>.ok`` per passed part, the error of the spawn or None).
+    """
+    done = str(tmp_path_factory.mktemp("verbs"))
+    parts = ["torch"] + ([] if _deepspeed_skip_reason() else ["deepspeed"])
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        mp.spawn(W.worker, args=(WORLD, _free_port(), parts, done), nprocs=WORLD, join=True)
+    except Exception as err:  # reported by the test of the part that failed
+        return done, f"{type(err).__name__}: {err}"
+    return done, None
+
+
+def _check_part(spawned: tuple[str, str | None], part: str) -> None:
+    done, error = spawned
+    if not os.path.exists(os.path.join(done, f"{part}.ok")):
+        pytest.fail(f"the {part} part did not pass (or did not run after an earlier part failed): {error}",
+                    pytrace=False)
+
+
 @pytest.mark.multiproc
-def test_verbs_ddp_fsdp2_global_sum_broadcast_buffers():
+def test_verbs_ddp_fsdp2_global_sum_broadcast_buffers(spawned):
     """DDP + FSDP2 verbs with SGD momentum and AdamW, global_sum gradients, broadcast_buffers."""
-    _spawn("torch")
+    _check_part(spawned, "torch")
 
 
 @pytest.mark.multiproc
-def test_verbs_deepspeed_zero1_zero2_zero3():
+def test_verbs_deepspeed_zero1_zero2_zero3(spawned):
     """ZeRO-1/2/3 verbs with SGD momentum (and AdamW for 2, 3); bf16 full_state_dict gives fp32 masters."""
     reason = _deepspeed_skip_reason()
     if reason:
         pytest.skip(reason)
-    _spawn("deepspeed")
+    _check_part(spawned, "deepspeed")
 
 
 # -------------------------------------------------------------------------------- one process

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_accelerator", "backend_name", "reprepare", "backward", "launched_backend",
+__all__ = ["build_accelerator", "backend_name", "reprepare", "backward", "launched_backend", "launched_world_size",
+           "resolve_mixed_precision", "input_dtype",
            "fit_fsdp_wrap_classes", "step_was_skipped"]
 
 log = logging.getLogger("dist_sparse")
@@ -53,8 +54,53 @@ def launched_backend() -> str:
     return "ddp"
 
 
+def launched_world_size() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``), known before any process group
+    exists (the DeepSpeed micro-batch must be computed from it before the engine is built)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _on_cuda() -> bool:
     return torch.cuda.is_available() and not _flag("ACCELERATE_USE_CPU")
+
+
+def fast_bf16() -> bool:
+    """True where bf16 matrix work is fast: a CUDA GPU with bf16, or a CPU with AVX512-BF16 / AMX."""
+    if _on_cuda():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """``run.mixed_precision`` as the run will use it: "no", "bf16" or "fp16".
+
+    ``auto`` becomes bf16 where :func:`fast_bf16`, else no. fp16 needs CUDA (on a CPU accelerate would
+    silently train in fp32, and DeepSpeed's fp16 path has no CPU kernels): refused with a ConfigError.
+    """
+    from .errors import ConfigError
+
+    if requested == "auto":
+        return "bf16" if fast_bf16() else "no"
+    if requested == "fp16" and not _on_cuda():
+        raise ConfigError("run.mixed_precision", "fp16",
+                          "bf16, auto or no on a machine without CUDA (fp16 autocast and loss scaling need a GPU)")
+    return requested
+
+
+def input_dtype(accelerator: Any) -> torch.dtype | None:
+    """The dtype floating-point model inputs must have: the DeepSpeed engine holds the model in
+    bf16/fp16 itself (no autocast), so images must be cast to it; None for every other backend."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
 
 
 def build_accelerator(mixed_precision: str, grad_accum_steps: int, per_rank_batch: int | None = None,

@@ -26,20 +26,38 @@ import torch
 __all__ = ["save_checkpoint", "find_latest", "read_meta", "load_method_state", "list_checkpoints", "export_weights",
            "save_exported", "load_exported"]
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = re.compile(r"^step_(\d+)(\.old)?$")
 
 
 def list_checkpoints(ckpt_dir: str) -> list[str]:
-    """Complete checkpoints in ``ckpt_dir``, oldest first."""
+    """Complete checkpoints in ``ckpt_dir``, oldest first.
+
+    ``step_<n>.old`` is the previous copy of a step being re-saved; it counts only while the new
+    ``step_<n>`` is not in place yet (a run killed between the two renames resumes from it).
+    """
     if not os.path.isdir(ckpt_dir):
         return []
-    found = []
-    for name in os.listdir(ckpt_dir):
+    found: dict[int, str] = {}
+    for name in sorted(os.listdir(ckpt_dir)):  # "step_n" sorts before "step_n.old"
         m = _STEP_DIR.match(name)
         path = os.path.join(ckpt_dir, name)
         if m and os.path.isfile(os.path.join(path, "meta.json")):
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+            found.setdefault(int(m.group(1)), path)
+    return [found[k] for k in sorted(found)]
+
+
+def _fsync_dir(path: str) -> None:
+    """Make renames inside ``path`` durable (a crash after the rename keeps it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def find_latest(ckpt_dir: str) -> str | None:
@@ -72,6 +90,8 @@ def save_checkpoint(accelerator, ckpt_dir: str, step: int, meta: dict[str, Any],
         for name in os.listdir(ckpt_dir):  # leftovers of an interrupted save
             if name.endswith(".tmp"):
                 shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+            elif name.endswith(".old") and os.path.isdir(os.path.join(ckpt_dir, name[:-4])):
+                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
@@ -84,11 +104,16 @@ def save_checkpoint(accelerator, ckpt_dir: str, step: int, meta: dict[str, Any],
         os.replace(os.path.join(tmp, "meta.json.part"), os.path.join(tmp, "meta.json"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if os.path.isdir(final):  # re-saving the same step (e.g. epoch end == every_steps)
-            shutil.rmtree(final)
+        old = final + ".old"
+        if os.path.isdir(final):  # re-saving the same step (e.g. epoch end == every_steps): the previous
+            shutil.rmtree(old, ignore_errors=True)  # copy stays valid (as .old) until the new one is in place
+            os.replace(final, old)
+            _fsync_dir(ckpt_dir)
         os.replace(tmp, final)
-        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

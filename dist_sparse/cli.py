@@ -41,7 +41,14 @@ def _cmd_eval(args) -> int:
     if trainer.acc.is_main_process:
         print(json.dumps(result, indent=1, sort_keys=True))
     trainer.acc.end_training()
+    _shutdown()
     return 0
+
+
+def _shutdown() -> None:
+    from .distributed import shutdown
+
+    shutdown()
 
 
 def _cmd_check(args) -> int:
@@ -71,6 +78,7 @@ def _cmd_export(args) -> int:
     if path:
         print(f"wrote {path} (step {trainer.step}; load it with dist_sparse.load_exported)")
     trainer.acc.end_training()
+    _shutdown()
     return 0
 
 
@@ -98,6 +106,7 @@ def _cmd_flops(args) -> int:
             model, example = trainer.finalized_model(), trainer.method.ctx.example_input
             dense, where = trainer._registered_model(), f"checkpoint step {trainer.step}"
             trainer.acc.end_training()
+            _shutdown()
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 data = build_data(cfg, rank=0, world_size=1, device=torch.device("cpu"), run_dir=tmp)

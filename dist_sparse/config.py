@@ -38,7 +38,7 @@ class RunConfig:
     epochs: int = 1  # number of training epochs
     max_steps: int = 0  # stop after this many optimizer steps in total (0: epochs decide)
     num_processes: int = 0  # expected world size; the run refuses to start on another (0: any)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype (bf16 works on CPU)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"  # auto: bf16 where the hardware has fast bf16, else no; fp16 needs CUDA
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuDNN settings
     channels_last: bool = False  # memory format for conv nets (faster on CPU and GPU)
     eval_every_epochs: int = 1  # evaluate every N epochs (and always at the end)
@@ -56,6 +56,7 @@ class ModelConfig:
     stem: Optional[Literal["cifar", "imagenet"]] = None  # ResNet-18/34/50 stem (cifar: 3x3 conv, no max-pool)
     norm: Optional[Literal["bn", "gn", "none"]] = None  # normalization layer (gn/none for exact rank invariance)
     drop_path_rate: Optional[float] = None  # stochastic depth (DeiT)
+    sync_bn: bool = False  # BatchNorm statistics over the global batch of all ranks (torch SyncBatchNorm on CUDA)
     extra: dict = field(default_factory=dict)  # further keyword arguments for the model's entry function
 
 
@@ -249,6 +250,11 @@ def validate(cfg: Config) -> None:
     _check(r.num_processes >= 0, "run.num_processes", r.num_processes, "an integer >= 0 (0: any)")
     _check(r.eval_every_epochs >= 1, "run.eval_every_epochs", r.eval_every_epochs, "an integer >= 1")
     _check(r.eval_batch_size >= 0, "run.eval_batch_size", r.eval_batch_size, "an integer >= 0")
+    if r.mixed_precision == "fp16":
+        import torch
+
+        _check(torch.cuda.is_available(), "run.mixed_precision", "fp16",
+               "bf16, auto or no on a machine without CUDA (fp16 autocast and loss scaling need a GPU)")
     if r.num_processes:
         _check(cfg.data.batch_size % r.num_processes == 0, "data.batch_size", cfg.data.batch_size,
                f"a multiple of run.num_processes ({r.num_processes}): it is the global batch, split evenly")

@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "world_size", "rank", "is_main", "barrier", "layout", "local_view", "distribute_like", "gather_full",
+    "world_size", "rank", "is_main", "barrier", "shutdown", "layout", "local_view", "distribute_like", "gather_full",
     "full_grad", "full_shape", "full_numel", "full_sum", "full_sum_of_squares", "full_count_nonzero", "full_mean",
     "full_norm", "global_kth_value", "global_topk_mask", "all_reduce_coalesced", "broadcast_object",
     "assert_same_across_ranks", "optimizer_is_deepspeed", "is_deepspeed_param", "mul_grad_",
     "mul_optimizer_partitions_", "count_where", "batched_full_reduce", "global_sum", "broadcast_buffers",
-    "mul_param_", "mul_optimizer_state_", "mask_grad_", "add_grad_", "full_state_dict",
+    "mul_param_", "mul_optimizer_state_", "mask_grad_", "add_grad_", "full_state_dict", "batched_gather_full",
 ]
 
 try:  # torch >= 2.4 exposes DTensor publicly; older versions keep it under _tensor
@@ -73,6 +73,21 @@ def rank() -> int:
 def is_main() -> bool:
     """True on global rank 0 (and in a single process)."""
     return rank() == 0
+
+
+def shutdown(wait: bool = True) -> None:
+    """End the process group cleanly (every rank, at the end of an entry point).
+
+    A process that exits with a live process group can abort in its exit handlers (``terminate called
+    without an active exception``), and torchrun / Slurm then report a finished job as failed. ``wait``
+    meets the other ranks first; pass False on an error path (the others may never arrive).
+    """
+    if _initialized():
+        try:
+            if wait and dist.get_world_size() > 1:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -1205,4 +1220,56 @@ def full_state_dict(module: torch.nn.Module, fp32_master: bool = True) -> dict[s
                 t = value.detach()
                 done[vid] = (t.full_tensor() if isinstance(t, DTensor) else t).to("cpu", copy=True)
         out[key] = done[vid]
+    return out
+
+
+def batched_gather_full(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The full values of many (possibly sharded) tensors on every rank, with ONE collective.
+
+    Every rank writes the elements it holds (its ``local_view``, counted once as in
+    :func:`batched_full_reduce`) at their place in one zero-filled flat buffer holding all tensors;
+    a single ``all_reduce(SUM)`` then leaves every full tensor on every rank, bit-identical (each
+    element has exactly one non-zero contribution). Plain (replicated) tensors come from rank 0, so
+    the result is rank 0's copy everywhere. The buffer holds all tensors at once (``dtype``): use it
+    for statistics over many layers, not for weights larger than host memory.
+
+    Args:
+        tensors: name -> tensor of any layout (plain, FSDP2 DTensor sharded on any dims, ZeRO-3).
+        dtype: dtype of the results (and of the buffer).
+        device: where the results live.
+
+    Returns:
+        name -> plain full tensor of the full shape. Collective: every rank passes the same names.
+    """
+    shapes = {n: tuple(int(s) for s in _full_shape(t)) for n, t in tensors.items()}
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    flat = torch.zeros(sum(sizes.values()), dtype=dtype)
+    off = 0
+    for name, t in tensors.items():
+        piece = flat.narrow(0, off, sizes[name])
+        if _contributes(t):
+            local = local_view(t).detach().to("cpu", dtype)
+            kind = layout(t)
+            if kind == "dtensor":
+                block = piece.view(shapes[name])
+                for d, (start, length) in enumerate(_dtensor_ranges(t)):
+                    block = block.narrow(d, start, length)
+                block.copy_(local)
+            elif kind == "zero3":
+                start, length, _ = _zero3_span(t)
+                piece.narrow(0, start, length).copy_(local.reshape(-1))
+            else:
+                piece.copy_(local.reshape(-1))
+        off += sizes[name]
+    if world_size() > 1 and tensors:
+        dev = _comm_device(torch.device("cpu"))
+        buf = flat.to(dev)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        flat = buf.to("cpu")
+    out: dict[str, torch.Tensor] = {}
+    off = 0
+    for name in tensors:
+        out[name] = flat.narrow(0, off, sizes[name]).view(shapes[name]).clone().to(device)
+        off += sizes[name]
     return out

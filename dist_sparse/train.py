@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -29,13 +30,15 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .backend import backend_name, build_accelerator, reprepare
+from .backend import (backend_name, build_accelerator, input_dtype, launched_world_size, reprepare,
+                      resolve_mixed_precision)
 from .config import Config, ConfigError, config_to_dict, load_config
-from .data import build_data, calibration_batches
+from .data import CastLoader, build_data, calibration_batches
 from .driver import Driver, run_surgery
 from .errors import RunError
 from .methods import Rebuild, create_method
 from .methods.base import OptimizerInfo, RunContext
+from .models.norms import convert_sync_batchnorm
 from .tasks import build_model, make_task, model_kwargs
 
 __all__ = ["Trainer", "run", "main", "PREEMPT_MARKER"]
@@ -105,8 +108,10 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int, steps_per_epoch: i
     """The run's schedule as a LambdaLR; ``scale()`` (a method's ``lr_scale``) multiplies every value."""
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch) * (scale() if scale else 1.0))
-    for _ in range(start_step):  # continue from the global step (after a rebuild)
-        sched.step()
+    with warnings.catch_warnings():  # fast-forwarded before any optimizer step: torch's warning is moot
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start_step):  # continue from the global step (after a rebuild)
+            sched.step()
     return sched
 
 
@@ -194,8 +199,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(r.seed)
 
-        self.acc = build_accelerator(r.mixed_precision, cfg.optim.grad_accum_steps,
-                                     per_rank_batch=max(1, cfg.data.batch_size // max(1, dist.world_size())),
+        self.precision = resolve_mixed_precision(r.mixed_precision)
+        self.acc = build_accelerator(self.precision, cfg.optim.grad_accum_steps,
+                                     per_rank_batch=max(1, cfg.data.batch_size // launched_world_size()),
                                      grad_clip=cfg.optim.grad_clip)
         self._preempt = False
         self._install_signal_handlers()  # early: a signal during start-up still stops at the first step
@@ -211,13 +217,16 @@ class Trainer:
         _setup_logging(self.run_dir, self.acc.process_index, cfg.logging.rank_logs)
         self.backend = backend_name(self.acc)
         log.info("backend=%s processes=%d device=%s mixed_precision=%s run_dir=%s", self.backend, self.world,
-                 self.acc.device, r.mixed_precision, self.run_dir)
+                 self.acc.device, self.precision + (" (auto)" if r.mixed_precision == "auto" else ""), self.run_dir)
         if self.acc.is_main_process:
             with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as fh:
                 yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
 
         self.data = build_data(cfg, rank=self.acc.process_index, world_size=self.world, device=self.acc.device,
                                run_dir=self.run_dir)
+        cast = input_dtype(self.acc)
+        if cast is not None:  # the DeepSpeed engine holds the model in bf16/fp16: inputs must match
+            self.data.train, self.data.val = CastLoader(self.data.train, cast), CastLoader(self.data.val, cast)
         self.task = make_task(self.data.task, cfg, self.data.info, self.world)
         accum = cfg.optim.grad_accum_steps
         self.steps_per_epoch = len(self.data.train) // accum
@@ -244,6 +253,7 @@ class Trainer:
         meta = None
         if resume_from:
             meta = ckpt.read_meta(resume_from)
+            self._check_resharding(resume_from, meta)
             self.method.load_state_dict(ckpt.load_method_state(resume_from))
         self._build_model_and_optimizer(start_step=0)
         if resume_from:
@@ -253,7 +263,8 @@ class Trainer:
     def _run_context(self) -> RunContext:
         o = self.cfg.optim
         first = next(iter(calibration_batches(self.data.train, 1)))
-        example = tuple(x.detach().cpu() for x in self.task.model_input(first))
+        example = tuple(x.detach().cpu().float() if x.is_floating_point() else x.detach().cpu()
+                        for x in self.task.model_input(first))
         return RunContext(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, world_size=self.world,
                           rank=self.acc.process_index, seed=self.cfg.run.seed,
                           optimizer=OptimizerInfo(name=o.name, lr=o.lr, weight_decay=o.weight_decay,
@@ -266,6 +277,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # identical initial weights, global RNG untouched
             torch.manual_seed(self.cfg.run.seed)
             model = build_model(self.cfg, self.data.info)
+        if self.cfg.model.sync_bn:
+            if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                raise ConfigError("model.sync_bn", True, f"false: {self.cfg.model.name} with these settings has no "
+                                  "BatchNorm layer (model.norm=gn/none, or a ViT/Transformer)")
+            model = convert_sync_batchnorm(model)
         if self.cfg.run.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -322,6 +338,21 @@ class Trainer:
         log.debug("checkpoint written: %s", path)
         return path
 
+    def _check_resharding(self, path: str, meta: dict) -> None:
+        """A DDP/single checkpoint (full weights and optimizer state) resumes on any number of processes:
+        the data order is a list of global batches. A sharded one (FSDP, ZeRO) only on the same layout."""
+        saved_world, saved_backend = int(meta.get("world_size", self.world)), meta.get("backend", self.backend)
+        sharded = ("fsdp2", "fsdp1", "zero1", "zero2", "zero3")
+        if (saved_backend in sharded or self.backend in sharded) and \
+                (saved_world != self.world or saved_backend != self.backend):
+            raise ConfigError("checkpoint.resume", path,
+                              f"a checkpoint of this layout: it was written by {saved_backend} x {saved_world} and "
+                              f"this run is {self.backend} x {self.world}; sharded checkpoints cannot be re-sharded "
+                              f"here: resume with the same launch, or export it and start from the weights")
+        if saved_world != self.world:
+            log.info("resuming a %d-process checkpoint on %d processes (same global batches)", saved_world,
+                     self.world)
+
     def _load(self, path: str, meta: dict) -> None:
         self.acc.load_state(path)
         self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
@@ -346,15 +377,19 @@ class Trainer:
             pass
 
     # -- rebuild ------------------------------------------------------------------------------
-    def rebuild(self, req: Rebuild) -> None:
-        """Apply ``req.surgery`` to the full model and re-prepare model, optimizer and schedule."""
+    def rebuild(self, req: Rebuild, epoch: int | None = None) -> None:
+        """Apply ``req.surgery`` to the full model and re-prepare model, optimizer and schedule.
+
+        ``epoch``: the epoch whose end asked for it (default: the current one).
+        """
+        epoch = self.epoch if epoch is None else epoch
         dist.broadcast_buffers(self.unwrapped)  # BatchNorm statistics: rank 0's everywhere (FSDP2/ZeRO)
         new_sd = run_surgery(self.unwrapped, req, self._plain_model)
         self.model = self.optimizer = None
         gc.collect()
         self._build_model_and_optimizer(start_step=self.step, state_dict=new_sd)
-        self.rebuilds.append({"step": self.step, "epoch": self.epoch, "reason": req.reason})
-        log.info("rebuilt the model at epoch %d: %s (params %d)", self.epoch, req.reason, self.n_params)
+        self.rebuilds.append({"step": self.step, "epoch": epoch, "reason": req.reason})
+        log.info("rebuilt the model at the end of epoch %d: %s (params %d)", epoch, req.reason, self.n_params)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -433,7 +468,8 @@ class Trainer:
                  " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.last_eval.items()
                             if k in row), seconds)
         self.metrics.write("epoch", **row)
-        req = None if last else self.driver.end_epoch(self.epoch, {k: v for k, v in row.items() if k != "method"})
+        ended = self.epoch
+        req = None if last else self.driver.end_epoch(ended, {k: v for k, v in row.items() if k != "method"})
         # A run stopped by run.max_steps inside an epoch keeps its place: a resume with more steps
         # finishes this epoch instead of skipping its remaining batches.
         if self.batch_in_epoch >= self.steps_per_epoch * cfg.optim.grad_accum_steps:
@@ -442,7 +478,7 @@ class Trainer:
             self.loss_sum.zero_()
             self.loss_count = 0
         if req is not None:
-            self.rebuild(req)
+            self.rebuild(req, epoch=ended)
         if cfg.checkpoint.every_epoch:
             self.save()
 
@@ -551,12 +587,19 @@ def format_result_table(r: dict[str, Any]) -> str:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train with ``cfg``; returns the final metrics (on every rank)."""
-    trainer = Trainer(cfg)
+    ok = False
     try:
-        return trainer.train()
-    finally:
+        trainer = Trainer(cfg)
+        result = trainer.train()
         trainer.acc.wait_for_everyone()
         trainer.acc.end_training()
+        ok = True
+        return result
+    except RunError:  # raised on every rank alike (a failed rebuild): the ranks still meet
+        ok = True
+        raise
+    finally:
+        dist.shutdown(wait=ok)
 
 
 def parse_args(argv: list[str] | None = None):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 __all__ = ["DataBundle", "EpochLoader", "register_dataset", "dataset_names", "dataset_task", "build_data",
-           "calibration_batches"]
+           "calibration_batches", "CastLoader", "cast_batch"]
 
 
 class EpochLoader(Protocol):
@@ -83,6 +83,33 @@ def build_data(cfg, *, rank: int, world_size: int, device, run_dir: str) -> Data
     return _BUILDERS[cfg.data.name](cfg, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
 
 
+def cast_batch(batch: Any, dtype) -> Any:
+    """``batch`` with every floating-point tensor cast to ``dtype`` (token ids and labels unchanged)."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: cast_batch(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(cast_batch(v, dtype) for v in batch)
+    return batch
+
+
+class CastLoader:
+    """A loader whose floating-point batches are cast to ``dtype`` (DeepSpeed bf16/fp16 engines)."""
+
+    def __init__(self, inner: EpochLoader, dtype):
+        self.inner, self.dtype = inner, dtype
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def iter_from(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        for batch in self.inner.iter_from(epoch, start):
+            yield cast_batch(batch, self.dtype)
+
+
 def calibration_batches(loader: EpochLoader, n: int, epoch: int = 0) -> Iterator[Any]:
     """Up to ``n`` training batches without augmentation, in the seeded order of ``epoch``.
 
@@ -91,6 +118,10 @@ def calibration_batches(loader: EpochLoader, n: int, epoch: int = 0) -> Iterator
     """
     import copy
 
+    if isinstance(loader, CastLoader):
+        for batch in calibration_batches(loader.inner, n, epoch):
+            yield cast_batch(batch, loader.dtype)
+        return
     clean = copy.copy(loader)
     if hasattr(clean, "augment"):
         clean.augment = False

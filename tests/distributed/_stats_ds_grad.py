@@ -64,6 +64,8 @@ def main() -> None:
                                    msg="weight after writeback + one SGD step")
     D.assert_same_across_ranks(pruned, "pruned weight")
     print(f"OK {backend_name(acc)} processes={world}", flush=True)
+    acc.end_training()
+    D.shutdown()  # a worker that leaves its process group alive can abort at exit (SIGABRT)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from torch import nn
 from dist_sparse import distributed as D
 
 __all__ = ["WRAPPER_TOKENS", "clean_name", "layer_kind", "count_parameters", "LayerStat", "layer_stats",
-           "global_sparsity", "global_density", "iter_weight_layers"]
+           "global_sparsity", "global_density", "iter_weight_layers", "stable_rank", "stable_ranks",
+           "sharded_sigma_max"]
 
 WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -239,3 +240,77 @@ def global_sparsity(stats: Mapping[str, LayerStat]) -> float:
     """
     numel, nonzero = _totals(stats)
     return (numel - nonzero) / numel if numel else 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Stable rank (Cuttlefish: docs/cuttlefish.md)
+# ------------------------------------------------------------------------------------------------
+
+
+def stable_rank(w: torch.Tensor) -> float:
+    """``||W||_F^2 / ||W||_2^2`` of a full (plain) weight; conv weights as (out, in*kh*kw).
+
+    Computed on a float64 CPU copy with singular values only; 0.0 for an all-zero matrix. Scale
+    invariant, between 1 and ``min(rows, cols)`` for a non-zero matrix.
+    """
+    a = w.detach().reshape(w.shape[0], -1).to("cpu", torch.float64)
+    s = torch.linalg.svdvals(a)
+    top = float(s[0]) if s.numel() else 0.0
+    if top == 0.0:
+        return 0.0
+    return float((s.square().sum() / (top * top)).item())
+
+
+def stable_ranks(model: nn.Module, names) -> dict[str, float]:
+    """Stable rank of the weight of every layer in ``names`` (clean module FQNs), equal on all ranks.
+
+    The full weights come from ONE collective for all layers
+    (:func:`dist_sparse.distributed.batched_gather_full`), whatever the layout (plain, DDP, FSDP2,
+    ZeRO-1/2/3); every rank then runs the same float64 CPU routine on the same numbers. Collective:
+    every rank must call it with the same names.
+    """
+    want = list(names)
+    weights = {}
+    for name, _, _, w in iter_weight_layers(model):
+        if name in want:
+            weights[name] = w
+    missing = [n for n in want if n not in weights]
+    if missing:
+        raise KeyError(f"stable_ranks: no weight layer named {missing[:3]}")
+    full = D.batched_gather_full({n: weights[n] for n in want}, dtype=torch.float64)
+    return {n: stable_rank(full[n]) for n in want}
+
+
+def sharded_sigma_max(row_shards, iters: int = 100, tol: float = 0.0, seed: int = 0, all_reduce=None,
+                      v0: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+    """Largest singular value of ``W = cat(row_shards)`` by power iteration on ``W^T W`` (float64).
+
+    ``v`` is replicated; each shard contributes ``W_i^T (W_i v)`` and the contributions are summed
+    (``all_reduce``: a callable that sums a tensor over the ranks that hold the shards, e.g.
+    ``lambda t: dist.all_reduce(t) or t``; None: the shards given here are all of ``W``, summed in
+    this process). The start vector is drawn from ``seed`` (the same on every rank) unless ``v0``
+    (a warm start) is given. Stops after ``iters`` iterations or when the estimate changes by less
+    than ``tol`` relative. Returns ``(sigma_max, v)``.
+    """
+    shards = [s.detach().to("cpu", torch.float64).reshape(s.shape[0], -1) for s in row_shards]
+    n = shards[0].shape[1]
+    if v0 is None:
+        v = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    else:
+        v = v0.detach().to("cpu", torch.float64).clone()
+    v /= v.norm()
+    est = 0.0
+    for _ in range(iters):
+        z = sum((s.T @ (s @ v) for s in shards), torch.zeros(n, dtype=torch.float64))
+        if all_reduce is not None:
+            z = all_reduce(z)
+        lam = float(z.norm())  # = sigma_max^2 once v is the top right singular vector
+        if lam == 0.0:
+            return 0.0, v
+        v = z / lam
+        new = math.sqrt(lam)
+        if tol and est and abs(new - est) <= tol * new:
+            est = new
+            break
+        est = new
+    return est, v

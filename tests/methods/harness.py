@@ -41,6 +41,11 @@ FIELDS: dict[str, dict[str, Any]] = {
     "rigl": {"sparsity": 0.7, "delta_t": 3},
     "gmp": {"sparsity": 0.7, "t_start": 2, "t_end": 11, "delta_t": 3},
     "oneshot": {"sparsity": 0.5, "at_step": 4},
+    # window 2 / threshold 1e6: every layer is flagged at check 2, so the switch comes at the end of epoch 1
+    "cuttlefish": {"window": 2, "last_m": 2, "threshold": 1e6, "eval_batches": 1},
+    # gates start half open (bias 0, spread weights) and polarize; pruned after epoch 1, then fine-tuned
+    "polarization": {"finetune_epochs": 1, "calibration_batches": 2, "lambda_polar": 3.0, "lambda_act": 0.3,
+                     "gate_init_bias": 0.0, "gate_init_std": 0.5},
 }
 
 

@@ -383,13 +383,19 @@ class Trainer:
         ``epoch``: the epoch whose end asked for it (default: the current one).
         """
         epoch = self.epoch if epoch is None else epoch
+        before = self.evaluate()  # right before and right after the surgery: both logged
         dist.broadcast_buffers(self.unwrapped)  # BatchNorm statistics: rank 0's everywhere (FSDP2/ZeRO)
         new_sd = run_surgery(self.unwrapped, req, self._plain_model)
         self.model = self.optimizer = None
         gc.collect()
         self._build_model_and_optimizer(start_step=self.step, state_dict=new_sd)
+        after = self.evaluate()
         self.rebuilds.append({"step": self.step, "epoch": epoch, "reason": req.reason})
-        log.info("rebuilt the model at the end of epoch %d: %s (params %d)", epoch, req.reason, self.n_params)
+        self.metrics.write("rebuild", step=self.step, epoch=epoch, reason=req.reason, params=self.n_params,
+                           nonzero=self.n_nonzero, **{f"before/{k}": v for k, v in before.items()},
+                           **{f"after/{k}": v for k, v in after.items()})
+        log.info("rebuilt the model at the end of epoch %d: %s (params %d); val_loss %.4f -> %.4f", epoch,
+                 req.reason, self.n_params, before.get("val_loss", float("nan")), after.get("val_loss", float("nan")))
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:

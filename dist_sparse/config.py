@@ -115,6 +115,7 @@ class CheckpointConfig:
 class LoggingConfig:
     progress_bar: bool = True  # tqdm bar on rank 0
     log_every_steps: int = 50  # a JSONL line of train metrics every N optimizer steps (0: epoch lines only)
+    sync_every_steps: int = 10  # optimizer steps between the all-reduces of the logged loss and the preemption flag
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
     rank_logs: bool = False  # every rank writes its own debug log rank<k>.log in the run directory
     plots: bool = True  # write the method's plots (PNG) at the end
@@ -295,6 +296,8 @@ def validate(cfg: Config) -> None:
     _check(all(isinstance(x, (int, float)) and 0 < x < 1 for x in s.milestones), "schedule.milestones",
            s.milestones, "a list of fractions of training in (0, 1)")
     _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "a number in (0, 1]")
+    _check(cfg.logging.sync_every_steps >= 1, "logging.sync_every_steps", cfg.logging.sync_every_steps,
+           "an integer >= 1")
     _check(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "an integer >= 0 (0: off)")
     _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "an integer >= 1")
     _check(c.resume in ("never", "auto") or os.path.exists(c.resume), "checkpoint.resume", c.resume,

@@ -243,6 +243,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # this epoch, reduced
         self.loss_count = 0
+        self._window: list[torch.Tensor] = []  # this rank's micro-batch losses since the last sync
+        self._window_steps: list[tuple[int, int]] = []  # (optimizer step, its last micro-batch in the window)
         self.best_acc, self.last_eval = 0.0, {}
         self.rebuilds: list[dict] = []
 
@@ -329,6 +331,7 @@ class Trainer:
         return latest
 
     def save(self) -> str:
+        self._sync()  # the epoch's loss sums in the checkpoint must be complete
         meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "loss_sum": float(self.loss_sum.item()), "loss_count": self.loss_count, "best_acc": self.best_acc,
                 "world_size": self.world, "backend": self.backend, "rebuilds": self.rebuilds,
@@ -414,26 +417,19 @@ class Trainer:
                 if self.batch_in_epoch >= n_batches:
                     break
                 res = self.driver.micro_step(batch)
-                loss = res.loss
                 self.batch_in_epoch += 1
-                # One small collective per micro-batch: the global mean loss and the preemption flag.
-                stats = acc.reduce(torch.stack([loss.double(),
-                                                torch.tensor(float(self._preempt), dtype=torch.float64,
-                                                             device=loss.device)]), reduction="sum")
-                step_loss = stats[0] / self.world
-                self.loss_sum += step_loss
-                self.loss_count += 1
+                self._window.append(res.loss.double())  # stays on the device: no host sync per step
                 if not res.synced:
                     continue
                 self.step = self.driver.step
+                self._window_steps.append((self.step, len(self._window)))
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss.item():.4f}", refresh=False)
-                if cfg.logging.log_every_steps and self.step % cfg.logging.log_every_steps == 0:
-                    self.metrics.write("train", step=self.step, epoch=self.epoch,
-                                       loss=float(step_loss.item()),
-                                       lr=self.scheduler.get_last_lr()[0])
-                if stats[1].item() > 0:  # any rank got the signal: all stop at this same step
+                last = self.step >= self.total_steps or self.batch_in_epoch >= n_batches
+                save = bool(cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0)
+                if not (last or save or self.step % cfg.logging.sync_every_steps == 0):
+                    continue
+                if self._sync(bar):  # any rank got the signal: all stop at this same step
                     self.save()
                     if acc.is_main_process:
                         with open(os.path.join(self.run_dir, PREEMPT_MARKER), "w") as fh:
@@ -446,15 +442,40 @@ class Trainer:
                 if self.step >= self.total_steps:
                     stop = True
                     break
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                if save:
                     self.save()
             if bar is not None:
                 bar.close()
             self._end_epoch(time.time() - epoch_start, final=stop)
         return self._finish(time.time() - start)
 
+    def _sync(self, bar=None) -> bool:
+        """One collective for the window of steps since the last sync: every micro-batch's global loss
+        and the preemption flag. Writes the window's train rows; returns whether any rank was signalled.
+
+        Reducing every ``logging.sync_every_steps`` steps instead of every micro-batch keeps the loop
+        free of per-step host syncs (each one stalls a GPU stream) and collectives."""
+        cfg = self.cfg
+        if not self._window:
+            return False
+        flag = torch.tensor([float(self._preempt)], dtype=torch.float64, device=self._window[0].device)
+        red = self.acc.reduce(torch.cat([torch.stack(self._window), flag]), reduction="sum").cpu()
+        losses = red[:-1] / self.world
+        self.loss_sum += losses.sum().to(self.loss_sum.device)
+        self.loss_count += len(losses)
+        for step, end in self._window_steps:
+            loss = float(losses[end - 1])
+            if cfg.logging.log_every_steps and step % cfg.logging.log_every_steps == 0:
+                self.metrics.write("train", step=step, epoch=self.epoch, loss=loss,
+                                   lr=self.scheduler.get_last_lr()[0])
+        if bar is not None and self._window_steps:
+            bar.set_postfix(loss=f"{float(losses[self._window_steps[-1][1] - 1]):.4f}", refresh=False)
+        self._window, self._window_steps = [], []
+        return bool(red[-1] > 0)
+
     def _end_epoch(self, seconds: float, final: bool = False) -> None:
         cfg = self.cfg
+        self._sync()
         train_loss = float(self.loss_sum.item()) / max(1, self.loss_count)
         row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss,
                                "lr": self.scheduler.get_last_lr()[0], "epoch_time": round(seconds, 2)}

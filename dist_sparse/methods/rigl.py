@@ -231,8 +231,10 @@ class _DynamicMethod(MaskedMethod):
 
     def _check_t_end(self) -> None:
         if self.schedule is not None and self._loaded_t_end is not None and self._loaded_t_end != self.schedule.t_end:
-            raise ValueError(f"checkpoint's {self.name} T_end is step {self._loaded_t_end}, this run computes "
-                             f"{self.schedule.t_end}: method.t_end or the training length changed")
+            raise ConfigError("method.t_end", self.cfg.t_end,
+                              f"the schedule the checkpoint was trained with (its T_end is step {self._loaded_t_end}, "
+                              f"this run computes {self.schedule.t_end}): give the same method.t_end, run.epochs "
+                              f"and run.max_steps as the run that wrote it")
 
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if getattr(self.cfg, "skip_sgd_on_update", False) and D.optimizer_is_deepspeed(optimizer):

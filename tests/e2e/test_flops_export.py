@@ -25,8 +25,8 @@ def _cli(*args):
 def test_flops_table_and_finalized_export_of_a_rigl_run(tmp_path):
     import dist_sparse
 
-    common = [f"run.output_dir={tmp_path}", "run.name=f", *SMALL]
-    run_train(["--config", RIGL, "run.max_steps=4", *common])
+    common = [f"run.output_dir={tmp_path}", "run.name=f", "run.max_steps=4", *SMALL]  # the run's own settings
+    run_train(["--config", RIGL, *common])
     end = read_metrics(str(tmp_path / "f"))[-1]
     assert end["event"] == "end" and 0.3 < end["flops/forward_fraction"] < 0.5  # ERK 80 %: ~36.5 % of dense
 

@@ -124,7 +124,7 @@ def test_hf_image_dataset_from_disk(tmp_path):
                                                      for _ in range(n)], "label": [i % 3 for i in range(n)]})
         for split, n in (("train", 9), ("test", 4))})
     ds.save_to_disk(str(tmp_path / "ds"))
-    cfg = load_config(TINY, ["data.name=hf_image", f"data.root={tmp_path / 'ds'}", "data.batch_size=3",
+    cfg = load_config(TINY, ["data.name=hf_image", f"data.root={tmp_path / 'ds'}", "data.batch_size=3", "run.num_processes=0",
                              "data.extra.img_size=8", "data.extra.channels=1"])
     b = build_data(cfg, rank=0, world_size=1, device="cpu", run_dir=str(tmp_path))
     assert b.info["num_classes"] == 3 and len(b.train) == 3

@@ -77,6 +77,7 @@ class MaskSet:
         self.masks: dict[str, torch.Tensor] = dict(masks or {})
         self.counts: dict[str, int] = {n: int(m.sum()) for n, m in self.masks.items()}  # exact ones per mask
         self._local: dict[str, torch.Tensor] = {}  # cached local piece, in the weight dtype
+        self._float: dict[str, torch.Tensor] = {}  # cached full mask, in the weight dtype
         self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
 
     @property
@@ -87,12 +88,14 @@ class MaskSet:
         if self._cache is None or self._cache[0] != id(model):
             self._cache = (id(model), find_params(model, self.names))
             self._local.clear()
+            self._float.clear()
         return self._cache[1]
 
     def forget_model(self) -> None:
         """Drop cached parameter lookups and local mask pieces (after a rebuild or re-prepare)."""
         self._cache = None
         self._local.clear()
+        self._float.clear()
 
     def count(self, name: str) -> int:
         return self.counts[name]
@@ -127,7 +130,15 @@ class MaskSet:
         """Zero the gradient entries of masked weights (between backward and the optimizer step)."""
         params = self.params(model)
         for n, p in params.items():
-            D.mask_grad_(p, self.masks[n])
+            D.mask_grad_(p, self._float_mask(n, p))
+
+    def _float_mask(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The full mask in the weight's dtype, cached (no conversion on every step)."""
+        m = self._float.get(name)
+        if m is None:
+            local = D.local_view(param)
+            m = self._float[name] = self.masks[name].to(device=local.device, dtype=local.dtype)
+        return m
 
     def change(self, model: nn.Module, optimizer: Any, name: str, new: torch.Tensor) -> None:
         """Install a new full mask for ``name``.
@@ -145,6 +156,7 @@ class MaskSet:
         self.masks[name] = new
         self.counts[name] = int(new.sum())
         self._local.pop(name, None)
+        self._float.pop(name, None)
 
     def check_same(self, what: str) -> None:
         """Raise unless every rank holds bit-identical masks (one small collective)."""

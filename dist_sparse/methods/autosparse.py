@@ -693,7 +693,10 @@ class AutoSparse(Method):
             plt.close(fig)
             paths.append(path)
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.step([h["epoch"] for h in self.history], [h["alpha"] for h in self.history], where="post", marker=".")
+        epochs = [h["epoch"] for h in self.history]
+        alphas = [h["alpha"] for h in self.history]
+        ax.step(epochs + [epochs[-1] + 1], alphas + alphas[-1:], where="post")  # alpha holds for the whole epoch
+        ax.plot(epochs, alphas, ".")
         ax.set_xlabel("epoch")
         ax.set_ylabel("alpha (GA scale)")
         ax.set_ylim(-0.02, 1.02)

@@ -129,8 +129,9 @@ class ThresholdFunction(torch.autograd.Function):
             counts = torch.stack([n_a, bmask.sum()])
         ctx.mark_non_differentiable(counts)
         ctx.alpha = float(alpha)
-        ctx.w_dtype, ctx.s_dtype = w.dtype, s.dtype
-        ctx.save_for_backward(code, t * (1 - t), *( [bmask] if bmask is not None else []))
+        ctx.w_dtype, ctx.s_dtype, ctx.w_stride = w.dtype, s.dtype, w.stride()
+        saved = (code, t * (1 - t)) if bmask is None else (code, t * (1 - t), bmask)
+        ctx.save_for_backward(*saved)
         return w_hat, counts
 
     @staticmethod
@@ -145,6 +146,9 @@ class ThresholdFunction(torch.autograd.Function):
             gate = gate * rest[0].to(acc)
         gated = gf * gate
         grad_w = gated.to(ctx.w_dtype)
+        if grad_w.stride() != ctx.w_stride:  # the parameter's own layout (DDP buckets, channels_last)
+            grad_w = torch.empty_strided(grad_w.shape, ctx.w_stride, dtype=grad_w.dtype,
+                                         device=grad_w.device).copy_(grad_w)
         grad_s = (-dsig * (gated * torch.sign(code.to(acc))).sum()).reshape(1).to(ctx.s_dtype)
         return grad_w, grad_s, None, None, None
 

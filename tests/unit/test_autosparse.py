@@ -1,5 +1,5 @@
-"""AutoSparse / STR: the exact unit checks and the behavioural toy checks of the AutoSparse specification
-(Kundu et al. 2023, arXiv 2304.06941), single process.
+"""AutoSparse / STR (Kundu et al. 2023, arXiv 2304.06941): exact unit checks of the reparameterization,
+the schedules, AutoTune, backward sparsity and the FLOP accounting, and behavioural toy checks, single process.
 
 Exact checks run in float64 with W ~ N(0, 0.05^2) and s in {-5, -3, -1}: forward zeros and values, the
 layer output against the plain op, weight and threshold gradients (hand-computed, finite differences and
@@ -599,7 +599,6 @@ def test_toy_revival_with_gradient_annealing():
         assert run["T"] < t0
 
 
-@pytest.mark.slow  # 6 runs of 960 steps: about a minute on an idle core
 @pytest.mark.parametrize("variant", ["reference", "plain_sgd"])
 def test_toy_sparsity_does_not_increase_with_alpha(variant):
     kw = {} if variant == "reference" else dict(momentum=0.0, lr=0.05, wd=1e-4, s0=-5.0, init_std=0.001)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,8 +115,8 @@ def main(argv=None) -> int:
             print(f"repeat {r}: trainer {end['time_s']:.1f} s, plain loop {plain['seconds']:.1f} s, "
                   f"ratio {end['time_s'] / plain['seconds']:.3f} ({end['steps']} steps)", flush=True)
     ratios = [a / b for a, b, _ in pairs]
-    print(f"| processes | steps | trainer s (median) | plain loop s (median) | ratio (median of pairs) |")
-    print(f"|---|---|---|---|---|")
+    print("| processes | steps | trainer s (median) | plain loop s (median) | ratio (median of pairs) |")
+    print("|---|---|---|---|---|")
     print(f"| {args.nproc} | {pairs[0][2]} | {statistics.median(a for a, _, _ in pairs):.1f} | "
           f"{statistics.median(b for _, b, _ in pairs):.1f} | {statistics.median(ratios):.3f} |")
     return 0

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import ConfigError, check_range  # re-exported: the schema's error type and range check
+from .errors import ConfigError, check_range  # noqa: F401  (re-exported for method configs' validate())
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "parse_overrides"]
 

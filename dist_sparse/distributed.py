@@ -774,17 +774,19 @@ class _GlobalSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y = x.detach().clone(memory_format=torch.contiguous_format)
-        if world_size() > 1:
-            dist.all_reduce(y, op=dist.ReduceOp.SUM)
-        return y
+        return _GlobalSum.summed(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        g = grad.detach().clone(memory_format=torch.contiguous_format)
+        return _GlobalSum.summed(grad)
+
+    @staticmethod
+    def summed(t: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of ``t`` summed over all ranks."""
+        out = t.detach().clone(memory_format=torch.contiguous_format)
         if world_size() > 1:
-            dist.all_reduce(g, op=dist.ReduceOp.SUM)
-        return g
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
 
 
 def global_sum(x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .config import Config, ConfigError, config_to_dict, load_config
 from .data import CastLoader, build_data, calibration_batches
 from .driver import Driver, run_surgery
 from .errors import RunError
+from .metrics.layer_stats import count_parameters
 from .methods import Rebuild, create_method
 from .methods.base import OptimizerInfo, RunContext
 from .models.norms import convert_sync_batchnorm
@@ -166,11 +167,6 @@ def _setup_logging(run_dir: str, rank: int, rank_logs: bool) -> None:
         log.setLevel(logging.DEBUG)
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, nonzero) parameters of the whole model, however it is sharded (see metrics.layer_stats)."""
-    from .metrics.layer_stats import count_parameters as count
-
-    return count(model)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,9 +29,8 @@ always steps, so ``skip_sgd_on_update`` must be false there (bind raises a Confi
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn

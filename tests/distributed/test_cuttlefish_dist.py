@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import tempfile
 
@@ -27,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.multiproc
 
@@ -188,16 +189,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process():
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), d), nprocs=2, join=True)
         return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 
 

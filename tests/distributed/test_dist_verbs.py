@@ -19,9 +19,7 @@ Run: python -m pytest -q tests/distributed/test_dist_verbs.py
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import socket
 import types
 
 import pytest
@@ -30,25 +28,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dist_sparse import distributed as D
+from tests.conftest import free_port
 from tests.distributed import _verbs_worker as W
+from tests.distributed.test_distributed_stats import _deepspeed_skip_reason as deepspeed_skip_reason
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deepspeed_skip_reason() -> str | None:
-    if importlib.util.find_spec("deepspeed") is None:
-        return "deepspeed is not installed (pip install deepspeed)"
-    try:
-        import deepspeed  # noqa: F401
-    except Exception as err:  # an installed but broken deepspeed
-        return f"import deepspeed failed: {type(err).__name__}: {err}"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +42,10 @@ def spawned(tmp_path_factory) -> tuple[str, str | None]:
     Returns (folder with one ``<part>.ok`` per passed part, the error of the spawn or None).
     """
     done = str(tmp_path_factory.mktemp("verbs"))
-    parts = ["torch"] + ([] if _deepspeed_skip_reason() else ["deepspeed"])
+    parts = ["torch"] + ([] if deepspeed_skip_reason() else ["deepspeed"])
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        mp.spawn(W.worker, args=(WORLD, _free_port(), parts, done), nprocs=WORLD, join=True)
+        mp.spawn(W.worker, args=(WORLD, free_port(), parts, done), nprocs=WORLD, join=True)
     except Exception as err:  # reported by the test of the part that failed
         return done, f"{type(err).__name__}: {err}"
     return done, None
@@ -83,7 +67,7 @@ def test_verbs_ddp_fsdp2_global_sum_broadcast_buffers(spawned):
 @pytest.mark.multiproc
 def test_verbs_deepspeed_zero1_zero2_zero3(spawned):
     """ZeRO-1/2/3 verbs with SGD momentum (and AdamW for 2, 3); bf16 full_state_dict gives fp32 masters."""
-    reason = _deepspeed_skip_reason()
+    reason = deepspeed_skip_reason()
     if reason:
         pytest.skip(reason)
     _check_part(spawned, "deepspeed")

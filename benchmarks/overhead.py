@@ -3,7 +3,9 @@
 Both sides train the same model on the same data with the same optimizer, schedule and augmentation
 (the plain loop draws its batches from the same rank-aware loader), for the same number of steps;
 each side's time is its training loop only (the trainer's ``epoch_time`` records, the plain
-loop's own clock), so start-up and evaluation are excluded on both sides. Runs alternate trainer, plain, trainer,
+loop's own clock), so start-up and evaluation are excluded on both sides. A second ratio covers the
+steady state: from the end of optimizer step ``--skip`` to the last (the trainer's per-step ``time``
+in its train rows, the plain loop's own marks), leaving out the first steps' one-time kernel set-up. Runs alternate trainer, plain, trainer,
 plain, ... so machine noise hits both alike; the script prints every pair and the median ratio.
 
     python benchmarks/overhead.py --config configs/tiny_resnet20_dense.yaml --repeats 3 --samples 8192
@@ -49,6 +51,7 @@ sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
 net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 amp = cfg.run.mixed_precision == "bf16"
 t0 = time.perf_counter()
+marks = []
 for i, (x, y) in enumerate(data.train.iter_from(0)):
     if i >= steps:
         break
@@ -56,9 +59,10 @@ for i, (x, y) in enumerate(data.train.iter_from(0)):
         loss = F.cross_entropy(net(x), y)
     loss.backward()
     opt.step(); opt.zero_grad(set_to_none=True); sched.step()
+    marks.append(time.perf_counter() - t0)  # end of optimizer step i + 1
 seconds = time.perf_counter() - t0
 if rank == 0:
-    print(json.dumps({"seconds": seconds, "steps": steps, "last_loss": float(loss)}))
+    print(json.dumps({"seconds": seconds, "steps": steps, "marks": marks, "last_loss": float(loss)}))
 if world > 1:
     torch.distributed.destroy_process_group()
 '''
@@ -84,17 +88,22 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--samples", type=int, default=8192, help="training samples (data.train_subset)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / nproc)")
+    p.add_argument("--skip", type=int, default=4, help="first optimizer steps left out of the steady-state ratio")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.nproc)
     overrides = [f"data.train_subset={args.samples}", "data.val_subset=256", "run.epochs=1",
                  f"run.num_processes={args.nproc}", f"run.threads={threads}", "logging.progress_bar=false",
                  "checkpoint.every_epoch=false", "checkpoint.save_final=false", "logging.plots=false",
+                 "logging.log_every_steps=1",
                  *args.overrides]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT,
                **({"ACCELERATE_USE_CPU": "true"} if args.nproc > 1 else {}))
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
+        plain_py = os.path.join(tmp, "plain_loop.py")  # torchrun runs a file, not ``-c``
+        with open(plain_py, "w") as fh:
+            fh.write(PLAIN)
         for r in range(args.repeats):
             out = os.path.join(tmp, f"t{r}")
             t = _launch(args.nproc, ["-m", "dist_sparse.train", "--config", args.config, *overrides,
@@ -104,21 +113,29 @@ def main(argv=None) -> int:
                 return 1
             rows = [json.loads(ln) for ln in open(os.path.join(out, "t", "metrics.jsonl"))]
             end = [r for r in rows if r["event"] == "end"][-1]
-            end["time_s"] = sum(r["epoch_time"] for r in rows if r["event"] == "epoch")  # the loop only
+            loop_s = sum(r["epoch_time"] for r in rows if r["event"] == "epoch")  # the loop only
+            at = {r["step"]: r["time"] for r in rows if r["event"] == "train"}  # end of each optimizer step
             spec = json.dumps({"config": args.config, "overrides": overrides, "dir": tmp, "steps": end["steps"]})
-            q = _launch(args.nproc, ["-c", PLAIN, spec], env)
+            q = _launch(args.nproc, [plain_py, spec], env)
             if q.returncode != 0:
                 print(q.stderr[-3000:], file=sys.stderr)
                 return 1
             plain = json.loads(q.stdout.strip().splitlines()[-1])
-            pairs.append((end["time_s"], plain["seconds"], end["steps"]))
-            print(f"repeat {r}: trainer {end['time_s']:.1f} s, plain loop {plain['seconds']:.1f} s, "
-                  f"ratio {end['time_s'] / plain['seconds']:.3f} ({end['steps']} steps)", flush=True)
-    ratios = [a / b for a, b, _ in pairs]
-    print("| processes | steps | trainer s (median) | plain loop s (median) | ratio (median of pairs) |")
-    print("|---|---|---|---|---|")
-    print(f"| {args.nproc} | {pairs[0][2]} | {statistics.median(a for a, _, _ in pairs):.1f} | "
-          f"{statistics.median(b for _, b, _ in pairs):.1f} | {statistics.median(ratios):.3f} |")
+            n, k = end["steps"], args.skip
+            # steady state: steps k+1 .. n on both sides (the first k carry one-time kernel set-up)
+            steady = (at[n] - at[k], plain["marks"][n - 1] - plain["marks"][k - 1])
+            pairs.append((loop_s, plain["seconds"], *steady))
+            print(f"repeat {r}: whole loop trainer {loop_s:.1f} s / plain {plain['seconds']:.1f} s = "
+                  f"{loop_s / plain['seconds']:.3f}; steps {k + 1}-{n}: {steady[0]:.1f} s / {steady[1]:.1f} s = "
+                  f"{steady[0] / steady[1]:.3f}", flush=True)
+    whole = statistics.median(a / b for a, b, _, _ in pairs)
+    steady = statistics.median(c / d for _, _, c, d in pairs)
+    print("| processes | steps | trainer s/step (median, steady) | plain loop s/step | ratio whole loop | "
+          "ratio steady state |")
+    print("|---|---|---|---|---|---|")
+    span = n - k
+    print(f"| {args.nproc} | {n} | {statistics.median(c for _, _, c, _ in pairs) / span:.3f} | "
+          f"{statistics.median(d for _, _, _, d in pairs) / span:.3f} | {whole:.3f} | {steady:.3f} |")
     return 0
 
 

@@ -32,7 +32,7 @@ import torch
 
 __all__ = ["build_accelerator", "backend_name", "reprepare", "backward", "launched_backend", "launched_world_size",
            "resolve_mixed_precision", "input_dtype",
-           "fit_fsdp_wrap_classes", "step_was_skipped"]
+           "fit_fsdp_wrap_classes", "step_was_skipped", "clip_grad_norm_", "engine_settings"]
 
 log = logging.getLogger("dist_sparse")
 
@@ -291,6 +291,10 @@ def backward(accelerator: Any, loss: torch.Tensor, on_grads: Any = None) -> None
     ``on_grads()``, then its step. Other backends: ``accelerator.backward`` then ``on_grads()``.
     ``on_grads`` runs only on the micro-step that completes the accumulation (``sync_gradients``);
     read gradients there through ``distributed.full_grad`` (ZeRO keeps them in the optimizer).
+    Under fp16 with torch's gradient scaler the gradients are unscaled before ``on_grads()`` (clip
+    them afterwards with :func:`clip_grad_norm_`, which does not unscale a second time); DeepSpeed
+    keeps its fp16 gradients scaled until its step, and ``distributed.full_grad``/``add_grad_``
+    convert at the boundary.
 
     Args:
         accelerator: the Accelerator.
@@ -301,6 +305,8 @@ def backward(accelerator: Any, loss: torch.Tensor, on_grads: Any = None) -> None
     if wrapped is None:
         accelerator.backward(loss)
         if on_grads is not None and accelerator.sync_gradients:
+            if _loss_scaled(accelerator):  # fp16: hooks see the true gradients, not loss-scaled ones
+                accelerator.unscale_gradients()
             on_grads()
         return
     engine = wrapped.engine
@@ -311,6 +317,49 @@ def backward(accelerator: Any, loss: torch.Tensor, on_grads: Any = None) -> None
         if on_grads is not None:
             on_grads()
         engine.step()
+
+
+def engine_settings(accelerator: Any) -> dict[str, Any] | None:
+    """What the DeepSpeed engine really runs with (read back from the engine, not from our config),
+    or None under any other backend. Written to the run's ``start`` metrics row."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        return None
+    e = wrapped.engine
+    return {"zero_stage": int(e.zero_optimization_stage()),
+            "train_micro_batch_size_per_gpu": int(e.train_micro_batch_size_per_gpu()),
+            "gradient_accumulation_steps": int(e.gradient_accumulation_steps()),
+            "train_batch_size": int(e.train_batch_size()), "gradient_clipping": float(e.gradient_clipping()),
+            "dtype": str(e.get_data_types()[0]).replace("torch.", "")}
+
+
+def _loss_scaled(accelerator: Any) -> bool:
+    """True when torch's fp16 gradient scaler multiplies this run's loss (accelerate's native AMP)."""
+    return (bool(getattr(accelerator, "native_amp", False)) and str(getattr(accelerator, "mixed_precision", "no")) == "fp16"
+            and getattr(accelerator, "scaler", None) is not None)
+
+
+def clip_grad_norm_(accelerator: Any, parameters: Any, max_norm: float) -> Any:
+    """``accelerator.clip_grad_norm_`` after :func:`backward` has already unscaled fp16 gradients.
+
+    accelerate's clip unscales the gradients itself, and torch's gradient scaler refuses a second
+    unscale in one step; here that inner unscale is skipped for this one call.
+
+    Args:
+        accelerator: the Accelerator (or a plain loop object).
+        parameters: the parameters whose gradient norm to clip.
+        max_norm: the largest global L2 norm.
+
+    Returns:
+        the total norm before clipping (what accelerate returns).
+    """
+    if not _loss_scaled(accelerator):
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    accelerator.unscale_gradients = lambda optimizer=None: None  # an instance attribute shadows the method
+    try:
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    finally:
+        del accelerator.unscale_gradients
 
 
 def step_was_skipped(accelerator: Any, optimizer: Any) -> bool:

@@ -310,7 +310,8 @@ def full_grad(param: torch.Tensor) -> torch.Tensor | None:
     """The full, averaged gradient of ``param`` as a plain tensor on every rank (or None).
 
     Under DeepSpeed ZeRO the gradient lives in the optimizer's partitions (``param.grad`` is None);
-    call this between the backward pass and the optimizer step.
+    call this between the backward pass and the optimizer step. fp16 gradients come back divided by
+    DeepSpeed's current loss scale (the true gradient, as on every other backend).
 
     Args:
         param: a parameter of any layout.
@@ -321,7 +322,10 @@ def full_grad(param: torch.Tensor) -> torch.Tensor | None:
     if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # collective under ZeRO-1/2/3
         from deepspeed.utils import safe_get_full_grad
 
-        return safe_get_full_grad(param)
+        g = safe_get_full_grad(param)
+        # DeepSpeed keeps fp16 gradients multiplied by the loss scale until its step
+        scale = _ds_loss_scale(getattr(param, "_z3_optimizer", None) or getattr(param, "_zero_optimizer", None))
+        return g if g is None or scale == 1.0 else g / scale
     g = param.grad
     if g is None:
         return None

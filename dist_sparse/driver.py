@@ -6,7 +6,8 @@ written once::
 
     per micro-batch   loss = task_loss + method.regularizer(model)         (under autocast)
                       backward
-    last micro-batch  method.after_backward(model, step)                   complete, averaged grads
+    last micro-batch  method.after_backward(model, step)                   complete, averaged,
+                                                                           unscaled (fp16) grads
                       clip the gradient norm
                       optimizer.step(); optimizer.zero_grad()
                       if the step was applied (not an fp16 overflow):
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .backend import backward, step_was_skipped
+from .backend import backward, clip_grad_norm_, step_was_skipped
 from .errors import RunError
 from .methods.base import Method, Rebuild
 
@@ -145,7 +146,7 @@ class Driver:
     def _on_grads(self) -> None:
         self.method.after_backward(self.unwrapped, self.step)
         if self.grad_clip > 0:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            clip_grad_norm_(self.acc, self.model.parameters(), self.grad_clip)
 
     # -- boundaries --------------------------------------------------------------------------------
     def end_epoch(self, epoch: int, metrics: dict[str, Any]) -> Rebuild | None:

@@ -56,6 +56,13 @@ def _check(precision: str, backend: str, model: str, tmp_path) -> None:
     assert sum(losses[-3:]) < sum(losses[:3]), losses  # it learns
     start = [r for r in rows if r["event"] == "start"][0]
     assert start["backend"] == {"fsdp": "fsdp2"}.get(backend, backend)
+    if backend.startswith("zero"):  # the engine's own view: micro-batch per rank = global batch / processes
+        batch = 32 if model != "transformer_tiny" else None
+        ds = start["deepspeed"]
+        assert ds["zero_stage"] == int(backend[-1]) and ds["gradient_accumulation_steps"] == 1
+        if batch:
+            assert ds["train_micro_batch_size_per_gpu"] == batch // 2 and ds["train_batch_size"] == batch, ds
+        assert ds["dtype"] == {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision], ds
 
 
 @pytest.mark.parametrize("precision,backend,model", [("bf16", "zero2", "resnet20"), ("fp16", "ddp", "resnet20")])

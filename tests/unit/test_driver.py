@@ -105,3 +105,75 @@ def test_surgery_result_and_commit():
                      lambda: nn.Linear(3, 2))
     assert done == [1] and set(sd) == {"0.weight", "0.bias"}
     assert torch.equal(sd["0.weight"], model.weight.detach())
+
+
+class ScaledLoop(PlainLoop):
+    """accelerate's fp16 contract on a CPU: a real torch GradScaler multiplies the loss, the
+    optimizer wrapper steps through the scaler, ``clip_grad_norm_`` unscales itself first (as
+    ``Accelerator.clip_grad_norm_`` does), and a second unscale in one step is torch's error."""
+
+    native_amp, mixed_precision = True, "fp16"
+
+    def __init__(self, init_scale):
+        super().__init__()
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        self.opt = None
+
+    def wrap(self, opt):
+        loop = self
+
+        class Wrapped:
+            param_groups = opt.param_groups
+
+            def step(self):
+                before = loop.scaler.get_scale()
+                loop.scaler.step(opt)
+                loop.scaler.update()
+                self.step_was_skipped = loop.scaler.get_scale() < before
+
+            def zero_grad(self, set_to_none=True):
+                opt.zero_grad(set_to_none=set_to_none)
+
+        self.opt = opt
+        return Wrapped()
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def unscale_gradients(self, optimizer=None):
+        self.scaler.unscale_(self.opt)
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        self.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+class GradReader(Recorder):
+    def after_backward(self, model, step):
+        self.calls.append(("grad", model.weight.grad.clone()))
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e6])
+def test_fp16_hooks_see_unscaled_gradients_and_overflow_skips(clip):
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 2), torch.randn(4, 3)
+    ref = nn.Linear(3, 2)
+    ref.load_state_dict(model.state_dict())
+    _loss(ref, x).backward()
+    loop = ScaledLoop(init_scale=2.0 ** 12)
+    method = GradReader()
+    opt = loop.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(loop.opt, lambda s: 1.0 / (s + 1))
+    d = Driver(method, loop, _loss, grad_clip=clip)
+    d.attach(model, opt, sched)
+    r = d.micro_step(x)
+    grads = [c[1] for c in method.calls if c[0] == "grad"]
+    assert r.applied and len(grads) == 1
+    torch.testing.assert_close(grads[0], ref.weight.grad)  # not 4096 x the gradient
+    assert ("after_step", 0) in method.calls and sched.last_epoch == 1
+    # an overflow: the scaler skips the step, so do the schedule and the method
+    w = model.weight.detach().clone()
+    r = d.micro_step(torch.full((4, 3), float("inf")))
+    assert not r.applied and d.skipped_steps == 1 and d.step == 2
+    assert torch.equal(model.weight, w) and sched.last_epoch == 1
+    assert ("after_step", 1) not in method.calls

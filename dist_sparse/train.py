@@ -30,7 +30,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .backend import (backend_name, build_accelerator, input_dtype, launched_world_size, reprepare,
+from .backend import (backend_name, build_accelerator, engine_settings, input_dtype, launched_world_size, reprepare,
                       resolve_mixed_precision)
 from .config import Config, ConfigError, config_to_dict, load_config
 from .data import CastLoader, build_data, calibration_batches
@@ -239,8 +239,9 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # this epoch, reduced
         self.loss_count = 0
+        self._t0 = time.time()
         self._window: list[torch.Tensor] = []  # this rank's micro-batch losses since the last sync
-        self._window_steps: list[tuple[int, int]] = []  # (optimizer step, its last micro-batch in the window)
+        self._window_steps: list[tuple[int, int, float]] = []  # (optimizer step, its last micro-batch, time.time())
         self.best_acc, self.last_eval = 0.0, {}
         self.rebuilds: list[dict] = []
 
@@ -400,9 +401,10 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.acc
         accum = cfg.optim.grad_accum_steps
-        start = time.time()
+        start = self._t0 = time.time()  # train rows carry ``time``: seconds since here
+        ds = engine_settings(self.acc)
         self.metrics.write("start", step=self.step, backend=self.backend, processes=self.world,
-                           params=self.n_params, nonzero=self.n_nonzero)
+                           params=self.n_params, nonzero=self.n_nonzero, **({"deepspeed": ds} if ds else {}))
         stop = self.step >= self.total_steps
         while self.epoch < cfg.run.epochs and not stop:
             epoch_start = time.time()
@@ -418,7 +420,7 @@ class Trainer:
                 if not res.synced:
                     continue
                 self.step = self.driver.step
-                self._window_steps.append((self.step, len(self._window)))
+                self._window_steps.append((self.step, len(self._window), time.time()))
                 if bar is not None:
                     bar.update(1)
                 last = self.step >= self.total_steps or self.batch_in_epoch >= n_batches
@@ -459,11 +461,11 @@ class Trainer:
         losses = red[:-1] / self.world
         self.loss_sum += losses.sum().to(self.loss_sum.device)
         self.loss_count += len(losses)
-        for step, end in self._window_steps:
+        for step, end, when in self._window_steps:
             loss = float(losses[end - 1])
             if cfg.logging.log_every_steps and step % cfg.logging.log_every_steps == 0:
                 self.metrics.write("train", step=step, epoch=self.epoch, loss=loss,
-                                   lr=self.scheduler.get_last_lr()[0])
+                                   lr=self.scheduler.get_last_lr()[0], time=round(when - self._t0, 4))
         if bar is not None and self._window_steps:
             bar.set_postfix(loss=f"{float(losses[self._window_steps[-1][1] - 1]):.4f}", refresh=False)
         self._window, self._window_steps = [], []

@@ -68,6 +68,17 @@ class DataConfig:
     augment: bool = True  # random crop with padding + horizontal flip (images)
     crop_padding: int = 2  # padding of the random crop, pixels
     hflip: bool = True  # random horizontal flip
+    # Decoded image sets (image_folder, hf_image): worker processes and per-sample transforms
+    num_workers: int = 0  # DataLoader worker processes per rank that decode and augment (0: in the training process)
+    decoder: str = "torchvision"  # image files: torchvision (libjpeg-turbo/libpng; faster with workers here) or pil (reduced-size JPEG decoding)
+    transform: str = "crop_flip"  # crop_flip (pad + crop + flip), rrc (torchvision ImageNet), timm (DeiT recipe)
+    scale: list = field(default_factory=lambda: [0.08, 1.0])  # rrc/timm: RandomResizedCrop area fractions
+    ratio: list = field(default_factory=lambda: [0.75, 4 / 3])  # rrc/timm: RandomResizedCrop aspect ratios
+    interpolation: str = "bilinear"  # rrc/timm: bilinear, bicubic or nearest
+    crop_pct: float = 0.875  # rrc/timm eval: centre crop of size, after resizing the short side to size / crop_pct
+    color_jitter: float = 0.0  # timm: colour-jitter strength (0: off)
+    auto_augment: str = ""  # timm: e.g. rand-m9-mstd0.5-inc1 (RandAugment of DeiT); '' off
+    re_prob: float = 0.0  # timm: Random Erasing probability
     train_subset: int = 0  # use only the first N training samples (0: all) - for tests and demos
     val_subset: int = 0  # use only the first N validation samples (0: all)
     max_tokens: int = 4096  # translation: tokens (source + target) per global batch, bucketed by length
@@ -281,6 +292,20 @@ def validate(cfg: Config) -> None:
     _check(d.max_tokens >= 16, "data.max_tokens", d.max_tokens, "an integer >= 16")
     _check(d.vocab_size >= 16, "data.vocab_size", d.vocab_size, "an integer >= 16")
     _check(d.root == "" or os.path.exists(d.root), "data.root", d.root, "an existing directory or file")
+    from .data import PIPELINE_KEYS, dataset_decoded
+
+    if dataset_decoded(d.name):
+        from .data.transforms import check_transform_keys
+
+        _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0 (0: in the training process)")
+        _check(d.decoder in ("pil", "torchvision"), "data.decoder", d.decoder, "pil or torchvision")
+        check_transform_keys(d, DataConfig())
+    else:
+        base = DataConfig()
+        for key in PIPELINE_KEYS:
+            _check(getattr(d, key) == getattr(base, key), f"data.{key}", getattr(d, key),
+                   f"its default for data.name={d.name}, which {'is held in memory and augmented by whole batches' if task == 'classification' else 'is text'}"
+                   "; the decoded-image pipeline serves image_folder and hf_image")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")

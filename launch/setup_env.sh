@@ -2,8 +2,8 @@
 # Create (or update) the project virtual environment .venv and the offline data sets.
 #   bash launch/setup_env.sh            # package + runtime dependencies + data
 #   bash launch/setup_env.sh dev        # ... plus the test dependencies
-# Idempotent: a second run only checks what is there. torch is pinned to 2.13.0 (the CPU wheel here;
-# on a GPU node pip picks the CUDA build of the same version).
+# Idempotent: a second run only checks what is there. torch is pinned to 2.14.1 with torchvision 0.29.1
+# (the CUDA build, which also runs on a CPU; this machine's pip takes both from its local disk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRA=${1:-}
@@ -31,8 +31,8 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.dist_sparse_${EXTRA:-run}_$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing into .venv (torch==2.13.0, accelerate, transformers, ...)"
-  .venv/bin/pip install -q "torch==2.13.0"
+  echo "[setup] installing into .venv (torch==2.14.1, torchvision==0.29.1, timm, accelerate, transformers, ...)"
+  .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
   if [ "$EXTRA" = dev ]; then
     .venv/bin/pip install -q -e ".[dev,deepspeed]"
   else

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 __all__ = ["DataBundle", "EpochLoader", "register_dataset", "dataset_names", "dataset_task", "build_data",
-           "calibration_batches", "CastLoader", "cast_batch"]
+           "calibration_batches", "CastLoader", "cast_batch", "dataset_decoded", "PIPELINE_KEYS"]
 
 
 class EpochLoader(Protocol):
@@ -36,13 +36,21 @@ _BUILDERS: dict[str, Callable[..., DataBundle]] = {}
 
 
 _TASKS: dict[str, str] = {}
+_DECODED: set[str] = set()
+
+# data.* keys of the decoded-image pipeline (data/pipeline.py, data/transforms.py)
+PIPELINE_KEYS = ("num_workers", "decoder", "transform", "scale", "ratio", "interpolation", "crop_pct", "color_jitter",
+                 "auto_augment", "re_prob")
 
 
-def register_dataset(name: str, task: str = "classification"):
-    """Register a data-set builder under ``name``; ``task`` is "classification" or "translation"."""
+def register_dataset(name: str, task: str = "classification", decoded: bool = False):
+    """Register a data-set builder under ``name``; ``task`` is "classification" or "translation";
+    ``decoded``: its images are decoded per sample by the DataLoader pipeline (reads PIPELINE_KEYS)."""
     def deco(fn):
         _BUILDERS[name] = fn
         _TASKS[name] = task
+        if decoded:
+            _DECODED.add(name)
         return fn
 
     return deco
@@ -68,6 +76,12 @@ def dataset_task(name: str) -> str:
     """The task a registered data set serves ("classification" or "translation")."""
     _load_builtin()
     return _TASKS[name]
+
+
+def dataset_decoded(name: str) -> bool:
+    """True when the data set decodes images per sample through the worker pipeline."""
+    _load_builtin()
+    return name in _DECODED
 
 
 def build_data(cfg, *, rank: int, world_size: int, device, run_dir: str) -> DataBundle:

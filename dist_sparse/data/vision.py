@@ -1,8 +1,9 @@
 """Image classification data: Fashion-MNIST (the embedded default), image folders, local HF data sets.
 
-Images are kept as uint8 tensors (N, C, H, W) when they fit in memory (Fashion-MNIST: 47 MB) or read
-lazily from disk (image folders). Augmentation (random crop with zero padding, horizontal flip) and
-normalization are torch ops applied to whole batches, so there is no torchvision dependency.
+Fashion-MNIST (47 MB) is held in memory as uint8 tensors (N, C, H, W); its augmentation (random crop
+with zero padding, horizontal flip) and normalization are torch ops on whole batches. Image folders
+and HF image sets are decoded one sample at a time by ``data.num_workers`` DataLoader workers with the
+torchvision/timm transforms of ``data.transform`` (``pipeline.py``, ``transforms.py``).
 
 Distribution: an epoch is a seeded permutation cut into GLOBAL batches of ``data.batch_size``; rank r
 takes rows ``[r*b, (r+1)*b)`` of every global batch (b = batch_size / world_size). The random crop and
@@ -22,7 +23,7 @@ from ..errors import ConfigError
 from . import DataBundle, register_dataset
 
 __all__ = ["FASHION_MNIST_DIRS", "load_idx_images", "load_idx_labels", "load_fashion_mnist", "ImageLoader",
-           "ImageFolderData", "INSTALL_HINT"]
+           "ImageFolderData", "HFImages", "INSTALL_HINT"]
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
@@ -231,43 +232,41 @@ def build_fashion_mnist(cfg, *, rank: int, world_size: int, device, run_dir: str
 
 
 # ------------------------------------------------------------------------------------------------
-# Image folders: root/{train,val}/<class name>/<image files>
+# Decoded image sets: image folders and local HF data sets, through the DataLoader pipeline
 # ------------------------------------------------------------------------------------------------
 
 _IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
 
-def image_to_uint8(img, size: int, channels: int) -> torch.Tensor:
-    """A PIL image or an array-like (H, W[, C]) as a uint8 tensor (channels, size, size), bilinear resize."""
+def _pil_mode(channels: int) -> str:
+    return "L" if channels == 1 else "RGB"
+
+
+def to_pil(img, channels: int):
+    """A PIL image (or an array-like (H, W[, C])) in mode L or RGB."""
     from PIL import Image
 
     if not isinstance(img, Image.Image):
         arr = np.asarray(img, dtype=np.uint8)
         img = Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-def _stack(images: list[torch.Tensor], channels: int, size: int) -> torch.Tensor:
-    return torch.stack(images) if images else torch.zeros(0, channels, size, size, dtype=torch.uint8)
+    return img if img.mode == _pil_mode(channels) else img.convert(_pil_mode(channels))
 
 
 class ImageFolderData:
-    """Files of an ``ImageFolder`` layout, decoded with Pillow and resized to a fixed square size.
+    """Files of an ``ImageFolder`` layout (``root/<class>/<images>``), decoded one sample at a time.
 
     Args:
         root: directory with one sub-directory per class.
-        img_size: side of the square the images are resized to.
         channels: 1 (grayscale) or 3 (RGB).
         classes: class names to use (default: sorted sub-directories of ``root``).
+        decoder: ``pil`` (Pillow; JPEGs decoded at reduced size when ``draft`` allows) or
+            ``torchvision`` (``torchvision.io.decode_image``, libjpeg-turbo / libpng, a uint8 tensor).
+        draft: the smallest side the transform needs (None: full size): Pillow decodes a JPEG at 1/2,
+            1/4 or 1/8 scale while both sides stay >= ``draft``.
     """
 
-    def __init__(self, root: str, img_size: int, channels: int = 3, classes: list[str] | None = None):
+    def __init__(self, root: str, channels: int = 3, classes: list[str] | None = None, decoder: str = "pil",
+                 draft: int | None = None):
         if not os.path.isdir(root):
             raise ConfigError("data.root", root, "a directory with class sub-directories (ImageFolder layout)")
         self.classes = classes or sorted(e.name for e in os.scandir(root) if e.is_dir())
@@ -284,28 +283,101 @@ class ImageFolderData:
                         self.files.append((os.path.join(dirpath, name), ci))
         if not self.files:
             raise ConfigError("data.root", root, f"class folders holding images ({', '.join(_IMG_EXT)})")
-        self.img_size, self.channels = img_size, channels
+        self.channels, self.decoder, self.draft = channels, decoder, draft
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, i: int) -> torch.Tensor:
+    def load(self, i: int):
+        path, label = self.files[i]
+        if self.decoder == "torchvision":
+            from torchvision.io import ImageReadMode, decode_image, read_file
+
+            mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
+            return decode_image(read_file(path), mode=mode), label
         from PIL import Image
 
-        with Image.open(self.files[i][0]) as im:
-            return image_to_uint8(im, self.img_size, self.channels)
+        with Image.open(path) as im:
+            if self.draft and im.format == "JPEG":
+                im.draft(_pil_mode(self.channels), (self.draft, self.draft))
+            return to_pil(im, self.channels).copy(), label
 
-    def get(self, idx: torch.Tensor):
-        x = _stack([self.load(int(i)) for i in idx], self.channels, self.img_size)
-        y = torch.tensor([self.files[int(i)][1] for i in idx], dtype=torch.int64)
-        return x, y
+
+def _decode_bytes(data: bytes, channels: int, decoder: str):
+    if decoder == "torchvision":
+        from torchvision.io import ImageReadMode, decode_image
+
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return to_pil(im, channels).copy()
+
+
+class HFImages:
+    """Images and labels of a local ``datasets.Dataset``, one row at a time.
+
+    An ``Image`` column is read as its encoded bytes and decoded by ``decoder`` (torchvision or
+    Pillow); a column of arrays (H, W[, C]) becomes a PIL image as it is.
+    """
+
+    def __init__(self, ds, image_key: str, label_key: str, channels: int, decoder: str = "torchvision"):
+        missing = [k for k in (image_key, label_key) if k not in ds.column_names]
+        if missing:
+            raise ConfigError("data.extra.image_key/label_key", missing, "columns of the data set: " + ", ".join(ds.column_names))
+        import datasets
+
+        if isinstance(ds.features.get(image_key), datasets.Image):
+            ds = ds.cast_column(image_key, datasets.Image(decode=False))
+        self.ds, self.image_key, self.label_key, self.channels, self.decoder = ds, image_key, label_key, channels, decoder
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def load(self, i: int):
+        row = self.ds[int(i)]
+        img = row[self.image_key]
+        if isinstance(img, dict) and img.get("bytes") is not None:
+            return _decode_bytes(img["bytes"], self.channels, self.decoder), int(row[self.label_key])
+        if isinstance(img, dict) and img.get("path"):
+            with open(img["path"], "rb") as fh:
+                return _decode_bytes(fh.read(), self.channels, self.decoder), int(row[self.label_key])
+        return to_pil(img, self.channels), int(row[self.label_key])
 
 
 def _extra(cfg, key: str, default):
     return cfg.data.extra.get(key, default)
 
 
-@register_dataset("image_folder")
+def _decoded_bundle(cfg, train_src, n_train, val_src, n_val, info, *, rank, world_size, device) -> DataBundle:
+    from .pipeline import PipelineLoader
+    from .transforms import build_transforms
+
+    d = cfg.data
+    size, ch = info["img_size"], info["in_chans"]
+    train_tf, eval_tf, finish = build_transforms(d, size, info["mean"], info["std"])
+    common = dict(rank=rank, world_size=world_size, device=device, seed=cfg.run.seed, train_transform=train_tf,
+                  eval_transform=eval_tf, finish=finish, out_shape=(ch, size, size), num_workers=d.num_workers,
+                  channels_last=cfg.run.channels_last)
+    train = PipelineLoader(train_src, n_train, d.batch_size, train=True, augment=d.augment, **common)
+    val = PipelineLoader(val_src, n_val, cfg.run.eval_batch_size or d.batch_size, train=False, **common)
+    return DataBundle(task="classification", train=train, val=val, info=info)
+
+
+def _drafts(cfg, size: int) -> tuple[int | None, int]:
+    """(train, eval) reduced-decoding sides: crop_flip resizes to ``size``; rrc/timm crop at full size."""
+    from .transforms import eval_resize
+
+    d = cfg.data
+    if d.transform == "crop_flip":
+        return size, size
+    return None, eval_resize(size, d.crop_pct)
+
+
+@register_dataset("image_folder", decoded=True)
 def build_image_folder(cfg, *, rank: int, world_size: int, device, run_dir: str) -> DataBundle:
     """``data.root`` holds ``train/`` and ``val/`` class folders (CIFAR/ImageNet exported to disk)."""
     root = cfg.data.root or os.environ.get("DIST_SPARSE_DATA", "")
@@ -313,14 +385,18 @@ def build_image_folder(cfg, *, rank: int, world_size: int, device, run_dir: str)
     ch = int(_extra(cfg, "channels", cfg.model.in_chans or 3))
     if ch not in (1, 3):
         raise ConfigError("data.extra.channels", ch, "1 or 3")
-    train = ImageFolderData(os.path.join(root, _extra(cfg, "train_dir", "train")), size, ch)
-    val = ImageFolderData(os.path.join(root, _extra(cfg, "val_dir", "val")), size, ch, classes=train.classes)
+    tr_draft, va_draft = _drafts(cfg, size)
+    train = ImageFolderData(os.path.join(root, _extra(cfg, "train_dir", "train")), ch, decoder=cfg.data.decoder,
+                            draft=tr_draft)
+    val = ImageFolderData(os.path.join(root, _extra(cfg, "val_dir", "val")), ch, classes=train.classes,
+                          decoder=cfg.data.decoder, draft=va_draft)
     n_tr, n_va = _subset(len(train), cfg.data.train_subset), _subset(len(val), cfg.data.val_subset)
-    mean = tuple(_extra(cfg, "mean", [0.5] * ch))
-    std = tuple(_extra(cfg, "std", [0.25] * ch))
     info = dict(num_classes=len(train.classes), in_chans=ch, img_size=size, classes=train.classes,
-                mean=mean, std=std, train_size=n_tr, val_size=n_va)
-    return _bundle(cfg, train.get, n_tr, val.get, n_va, info, rank=rank, world_size=world_size, device=device)
+                mean=tuple(_extra(cfg, "mean", [0.5] * ch)), std=tuple(_extra(cfg, "std", [0.25] * ch)),
+                train_size=n_tr, val_size=n_va)
+    bundle = _decoded_bundle(cfg, train, n_tr, val, n_va, info, rank=rank, world_size=world_size, device=device)
+    info.pop("mean"), info.pop("std")
+    return bundle
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,37 +426,20 @@ def _load_hf_split(root: str, split: str):
     return datasets.Dataset.from_parquet(path) if ext == "parquet" else datasets.Dataset.from_file(path)
 
 
-class HFImages:
-    """Images and labels of a local ``datasets.Dataset``, converted to uint8 tensors on access."""
-
-    def __init__(self, ds, image_key: str, label_key: str, img_size: int, channels: int):
-        missing = [k for k in (image_key, label_key) if k not in ds.column_names]
-        if missing:
-            raise ConfigError("data.extra.image_key/label_key", missing, "columns of the data set: " + ", ".join(ds.column_names))
-        self.ds, self.image_key, self.label_key = ds, image_key, label_key
-        self.img_size, self.channels = img_size, channels
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def get(self, idx: torch.Tensor):
-        rows = self.ds[[int(i) for i in idx]] if len(idx) else {self.image_key: [], self.label_key: []}
-        x = _stack([image_to_uint8(im, self.img_size, self.channels) for im in rows[self.image_key]],
-                   self.channels, self.img_size)
-        return x, torch.tensor(rows[self.label_key], dtype=torch.int64)
-
-
-@register_dataset("hf_image")
+@register_dataset("hf_image", decoded=True)
 def build_hf_image(cfg, *, rank: int, world_size: int, device, run_dir: str) -> DataBundle:
     """A local Hugging Face image data set (``save_to_disk`` directory or ``train/test.parquet``)."""
     root = cfg.data.root or os.environ.get("DIST_SPARSE_DATA", "")
     size = int(_extra(cfg, "img_size", cfg.model.img_size or 32))
     ch = int(_extra(cfg, "channels", cfg.model.in_chans or 3))
     ik, lk = _extra(cfg, "image_key", "image"), _extra(cfg, "label_key", "label")
-    train = HFImages(_load_hf_split(root, _extra(cfg, "train_split", "train")), ik, lk, size, ch)
-    val = HFImages(_load_hf_split(root, _extra(cfg, "val_split", "test")), ik, lk, size, ch)
+    dec = cfg.data.decoder
+    train = HFImages(_load_hf_split(root, _extra(cfg, "train_split", "train")), ik, lk, ch, dec)
+    val = HFImages(_load_hf_split(root, _extra(cfg, "val_split", "test")), ik, lk, ch, dec)
     num_classes = int(_extra(cfg, "num_classes", 0)) or int(max(train.ds[lk]) + 1)
     n_tr, n_va = _subset(len(train), cfg.data.train_subset), _subset(len(val), cfg.data.val_subset)
     info = dict(num_classes=num_classes, in_chans=ch, img_size=size, mean=tuple(_extra(cfg, "mean", [0.5] * ch)),
                 std=tuple(_extra(cfg, "std", [0.25] * ch)), train_size=n_tr, val_size=n_va)
-    return _bundle(cfg, train.get, n_tr, val.get, n_va, info, rank=rank, world_size=world_size, device=device)
+    bundle = _decoded_bundle(cfg, train, n_tr, val, n_va, info, rank=rank, world_size=world_size, device=device)
+    info.pop("mean"), info.pop("std")
+    return bundle

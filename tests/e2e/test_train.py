@@ -67,10 +67,22 @@ def _losses(run_dir: str) -> dict[int, float]:
 RIGL = os.path.join(ROOT, "configs", "tiny_resnet20_rigl.yaml")
 
 
-@pytest.mark.parametrize("config, extra", [(TINY, []), (RIGL, ["method.delta_t=5"])], ids=["dense", "rigl"])
+FOLDER = ["data.name=image_folder", "data.root={folder}", "data.num_workers=2", "data.extra.img_size=28",
+          "data.extra.channels=1", "data.extra.mean=[0.286]", "data.extra.std=[0.353]"]
+
+
+@pytest.mark.parametrize("config, extra", [(TINY, []), (RIGL, ["method.delta_t=5"]), (TINY, FOLDER)],
+                         ids=["dense", "rigl", "png_folder_2_workers"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, config, extra):
     """SIGKILL mid-run, resume: every later step's loss equals the uninterrupted run's (for RigL the
-    replayed steps include a mask update, so masks, schedule and optimizer state must resume exactly)."""
+    replayed steps include a mask update, so masks, schedule and optimizer state must resume exactly;
+    for the PNG folder, decoded and augmented by 2 worker processes, the data order and every
+    sample's augmentation must continue exactly)."""
+    if "data.root={folder}" in extra:
+        from tests.unit.test_pipeline import write_fmnist_folder
+
+        write_fmnist_folder(tmp_path / "png", per_class=160)
+        extra = [e.format(folder=tmp_path / "png") for e in extra]
     args = ["--config", config, *extra, "run.epochs=2", "run.deterministic=true", "checkpoint.every_steps=4",
             "logging.log_every_steps=1", "data.train_subset=1536", "data.val_subset=256",
             "logging.progress_bar=false", "run.num_processes=0", f"run.output_dir={tmp_path}"]

@@ -40,7 +40,7 @@ def test_model_that_does_not_fit_the_data_is_refused_before_building():
     assert err.value.key == "data.name" and "classification data set" in str(err.value)
 
 
-def test_num_workers_does_not_exist_until_there_is_a_dataloader():
+def test_num_workers_is_refused_for_the_in_memory_set():
     with pytest.raises(ConfigError) as err:
         load_config(TINY, ["data.num_workers=4"])
     assert err.value.key == "data.num_workers"

@@ -79,6 +79,10 @@ class DataConfig:
     color_jitter: float = 0.0  # timm: colour-jitter strength (0: off)
     auto_augment: str = ""  # timm: e.g. rand-m9-mstd0.5-inc1 (RandAugment of DeiT); '' off
     re_prob: float = 0.0  # timm: Random Erasing probability
+    mixup: float = 0.0  # Mixup Beta alpha on pairs of training rows (DeiT: 0.8; 0: off); soft targets
+    cutmix: float = 0.0  # CutMix Beta alpha (DeiT: 1.0; 0: off)
+    mix_prob: float = 1.0  # probability that a pair is mixed (mixup/cutmix on)
+    mix_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
     train_subset: int = 0  # use only the first N training samples (0: all) - for tests and demos
     val_subset: int = 0  # use only the first N validation samples (0: all)
     max_tokens: int = 4096  # translation: tokens (source + target) per global batch, bucketed by length
@@ -300,6 +304,13 @@ def validate(cfg: Config) -> None:
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0 (0: in the training process)")
         _check(d.decoder in ("pil", "torchvision"), "data.decoder", d.decoder, "pil or torchvision")
         check_transform_keys(d, DataConfig())
+        _check(d.mixup >= 0, "data.mixup", d.mixup, "a Beta alpha >= 0 (0: off)")
+        _check(d.cutmix >= 0, "data.cutmix", d.cutmix, "a Beta alpha >= 0 (0: off)")
+        for key in ("mix_prob", "mix_switch_prob"):
+            v = getattr(d, key)
+            _check(0 <= v <= 1, f"data.{key}", v, "a probability in [0, 1]")
+            _check(d.mixup > 0 or d.cutmix > 0 or v == getattr(DataConfig(), key), f"data.{key}", v,
+                   "its default while data.mixup and data.cutmix are 0 (mixing is off)")
     else:
         base = DataConfig()
         for key in PIPELINE_KEYS:

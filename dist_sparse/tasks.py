@@ -69,6 +69,10 @@ class ClassificationTask(Task):
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
+        if y.is_floating_point():  # soft targets of Mixup/CutMix (label smoothing already folded in)
+            from timm.loss import SoftTargetCrossEntropy
+
+            return SoftTargetCrossEntropy()(model(x).float(), y.float())
         return F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing)
 
     @torch.no_grad()

@@ -40,7 +40,7 @@ _DECODED: set[str] = set()
 
 # data.* keys of the decoded-image pipeline (data/pipeline.py, data/transforms.py)
 PIPELINE_KEYS = ("num_workers", "decoder", "transform", "scale", "ratio", "interpolation", "crop_pct", "color_jitter",
-                 "auto_augment", "re_prob")
+                 "auto_augment", "re_prob", "mixup", "cutmix", "mix_prob", "mix_switch_prob")
 
 
 def register_dataset(name: str, task: str = "classification", decoded: bool = False):

@@ -82,6 +82,8 @@ class PipelineLoader:
         finish: ``finish(x, keys, seed)`` on the device: uint8 batch -> normalized float batch
             (``transforms.Finish``; keys given for augmented batches only).
         out_shape: (C, S, S) of one transformed sample (for the empty batches of short val shards).
+        mix: optional ``mix(x, y, keys, seed) -> (x, soft targets)`` for augmented training batches
+            (``transforms.PairMix``: Mixup/CutMix over pairs of rows of the global batch).
         num_workers: decoding/augmenting processes per rank (0: in this process).
         prefetch_factor: batches each worker keeps ready.
         channels_last: return images in channels_last memory format.
@@ -93,7 +95,7 @@ class PipelineLoader:
     def __init__(self, source: SampleSource, size: int, global_batch: int, *, rank: int, world_size: int, device,
                  seed: int, train: bool, train_transform: Callable, eval_transform: Callable, finish: Callable,
                  out_shape: tuple[int, int, int], num_workers: int = 0, prefetch_factor: int = 2,
-                 channels_last: bool = False, augment: bool = True):
+                 channels_last: bool = False, augment: bool = True, mix: Callable | None = None):
         if global_batch % world_size:
             raise ConfigError("data.batch_size", global_batch, f"a multiple of the number of processes ({world_size})")
         if train and size < global_batch:
@@ -101,6 +103,10 @@ class PipelineLoader:
         self.source, self.size, self.global_batch = source, size, global_batch
         self.rank, self.world, self.device, self.seed, self.train = rank, world_size, torch.device(device), seed, train
         self.local_batch = global_batch // world_size
+        if mix is not None and train and self.local_batch % 2:
+            raise ConfigError("data.batch_size", global_batch, f"an even number of samples per process ({world_size} "
+                              "processes) with data.mixup/data.cutmix: pairs of rows are mixed on one rank")
+        self.mix = mix if train else None
         self.train_transform, self.eval_transform, self.finish = train_transform, eval_transform, finish
         self.out_shape = tuple(out_shape)
         self.num_workers, self.prefetch_factor = int(num_workers), int(prefetch_factor)
@@ -154,9 +160,12 @@ class PipelineLoader:
     def _to_device(self, x: torch.Tensor, y: torch.Tensor, keys: list[tuple[int, int]] | None):
         nb = self.device.type == "cuda"
         x = self.finish(x.to(self.device, non_blocking=nb), keys, self.seed)
+        y = y.to(self.device, non_blocking=nb)
+        if self.mix is not None and keys is not None:
+            x, y = self.mix(x, y, keys, self.seed)  # soft targets (B, classes)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, y.to(self.device, non_blocking=nb)
+        return x, y
 
     def iter_from(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) of ``epoch`` from global batch ``start`` on, for this rank."""

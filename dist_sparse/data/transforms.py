@@ -30,7 +30,8 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["RECIPES", "build_transforms", "seeded", "sample_seed", "eval_resize", "check_transform_keys", "Finish"]
+__all__ = ["RECIPES", "build_transforms", "seeded", "sample_seed", "eval_resize", "check_transform_keys", "Finish",
+           "PairMix"]
 
 RECIPES = ("crop_flip", "rrc", "timm")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -198,3 +199,42 @@ class _TimmTrain:
 
     def __repr__(self) -> str:
         return f"TimmTrain({self.inner!r})"
+
+
+class PairMix:
+    """Mixup / CutMix (Zhang et al. 2018; Yun et al. 2019) as DeiT trains with them, rank-invariant.
+
+    Rows ``(2k, 2k+1)`` of every GLOBAL batch form a pair (both always on one rank: each rank holds
+    an even number of consecutive rows). Each pair is mixed by timm's ``Mixup`` in ``pair`` mode under
+    a seed of its first sample: mixup or cutmix (``switch_prob``), lam ~ Beta(alpha, alpha) (cutmix:
+    corrected to the pasted box's area), applied with probability ``prob``; targets become soft,
+    ``lam * onehot(y_self) + (1 - lam) * onehot(y_partner)`` with ``label_smoothing`` folded in. So the
+    mixed tensors depend on (seed, epoch, samples) only, never on the number of ranks. The permuted
+    epoch order makes the partners random.
+
+    Args:
+        mixup_alpha, cutmix_alpha: Beta parameters (0 turns that one off).
+        prob: probability that a pair is mixed at all.
+        switch_prob: probability of cutmix when both are on.
+        label_smoothing: folded into the soft targets (the loss must not smooth again).
+        num_classes: width of the soft targets.
+    """
+
+    def __init__(self, mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float,
+                 label_smoothing: float, num_classes: int):
+        from timm.data import Mixup
+
+        self.mix = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
+                         mode="pair", label_smoothing=label_smoothing, num_classes=num_classes)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, keys: Sequence[tuple[int, int]], seed: int):
+        if len(keys) % 2:
+            raise ValueError(f"PairMix needs an even number of rows per rank, got {len(keys)}")
+        xs, ys = [], []
+        for k in range(0, len(keys), 2):
+            epoch, first = keys[k]
+            with seeded(sample_seed(seed, epoch, first) ^ 0x61C8864680B583EB):
+                xx, yy = self.mix(x[k:k + 2].clone(), y[k:k + 2])
+            xs.append(xx)
+            ys.append(yy)
+        return torch.cat(xs), torch.cat(ys).to(x.device)

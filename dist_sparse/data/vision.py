@@ -362,7 +362,13 @@ def _decoded_bundle(cfg, train_src, n_train, val_src, n_val, info, *, rank, worl
     common = dict(rank=rank, world_size=world_size, device=device, seed=cfg.run.seed, train_transform=train_tf,
                   eval_transform=eval_tf, finish=finish, out_shape=(ch, size, size), num_workers=d.num_workers,
                   channels_last=cfg.run.channels_last)
-    train = PipelineLoader(train_src, n_train, d.batch_size, train=True, augment=d.augment, **common)
+    mix = None
+    if d.mixup > 0 or d.cutmix > 0:
+        from .transforms import PairMix
+
+        mix = PairMix(d.mixup, d.cutmix, d.mix_prob, d.mix_switch_prob, cfg.optim.label_smoothing,
+                      info["num_classes"])
+    train = PipelineLoader(train_src, n_train, d.batch_size, train=True, augment=d.augment, mix=mix, **common)
     val = PipelineLoader(val_src, n_val, cfg.run.eval_batch_size or d.batch_size, train=False, **common)
     return DataBundle(task="classification", train=train, val=val, info=info)
 

@@ -267,3 +267,65 @@ def test_hf_image_column_is_decoded_from_its_bytes(tmp_path, folder, decoder):
     assert got.shape == (4, 1, 28, 28) and ref.shape[1:] == (1, 28, 28)
     for g, w in zip(got, want):  # normalized back to pixels
         torch.testing.assert_close((g[0] * 0.25 + 0.5) * 255, torch.from_numpy(np.array(w)).float(), atol=1e-3, rtol=0)
+
+
+def _pair_batch():
+    """Two constant images (0 and 200) with labels 1 and 3."""
+    x = torch.stack([torch.zeros(3, 32, 32), torch.full((3, 32, 32), 200.0)])
+    return x, torch.tensor([1, 3])
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixed_targets_sum_to_one_with_the_mixed_weight(kind):
+    from dist_sparse.data.transforms import PairMix
+
+    mix = PairMix(0.8 if kind == "mixup" else 0.0, 1.0 if kind == "cutmix" else 0.0, 1.0, 0.5, 0.0, 5)
+    seen = set()
+    for first in range(20):
+        x, y = _pair_batch()
+        out, t = mix(x, y, [(0, first), (0, first + 1)], seed=3)
+        torch.testing.assert_close(t.sum(1), torch.ones(2))
+        w_partner = float(t[0, 3])  # weight of row 1's label in row 0's target
+        assert float(t[0, 1]) == pytest.approx(1 - w_partner)
+        share = out[0] / 200.0  # how much of row 1 (value 200) is in row 0, per pixel
+        if kind == "mixup":  # every pixel: lam * 0 + (1 - lam) * 200
+            torch.testing.assert_close(share, torch.full_like(share, w_partner), atol=1e-5, rtol=0)
+        else:  # a pasted box: its area fraction is the partner's weight
+            assert set(share.unique().tolist()) <= {0.0, 1.0}
+            assert float(share.mean()) == pytest.approx(w_partner, abs=1e-6)
+        assert float(t[1, 1]) == pytest.approx(w_partner) and float(t[1, 3]) == pytest.approx(1 - w_partner)
+        seen.add(round(w_partner, 4))
+    assert len(seen) > 10  # lam really drawn per pair
+
+
+def test_label_smoothing_is_folded_into_mixed_targets():
+    from dist_sparse.data.transforms import PairMix
+
+    x, y = _pair_batch()
+    _, t = PairMix(0.8, 0.0, 1.0, 0.5, 0.1, 5)(x, y, [(0, 0), (0, 1)], seed=0)
+    torch.testing.assert_close(t.sum(1), torch.ones(2))
+    assert float(t[0].min()) == pytest.approx(0.1 / 5)  # off-target classes keep the smoothing mass
+
+
+def test_mixup_is_rank_invariant_and_needs_even_rows(rgb_folder):
+    mix = ["data.mixup=0.8", "data.cutmix=1.0", *TIMM_AUG]
+    one = _epoch(_bundle(rgb_folder, extra=mix, channels=3, size=32).train)
+    halves = [_epoch(_bundle(rgb_folder, rank=r, world=2, extra=mix, channels=3, size=32).train) for r in (0, 1)]
+    glued = [(torch.cat([h0[0], h1[0]]), torch.cat([h0[1], h1[1]])) for h0, h1 in zip(*halves)]
+    _same(one, glued)
+    assert one[0][1].dtype == torch.float32 and one[0][1].shape == (8, 4)  # soft targets
+    with pytest.raises(ConfigError) as err:
+        _bundle(rgb_folder, rank=0, world=8, extra=mix, channels=3, size=32)  # 1 row per process
+    assert err.value.key == "data.batch_size"
+
+
+def test_soft_target_loss_is_the_cross_entropy_of_the_mixture():
+    from dist_sparse.tasks import ClassificationTask
+
+    task = ClassificationTask.__new__(ClassificationTask)
+    task.cfg = load_config(TINY, [])
+    logits = torch.randn(4, 5)
+    model = lambda x: logits  # noqa: E731
+    soft = torch.softmax(torch.randn(4, 5), 1)
+    want = -(soft * torch.log_softmax(logits, 1)).sum(1).mean()
+    torch.testing.assert_close(task.loss(model, (None, soft)), want)

@@ -57,6 +57,9 @@ class ModelConfig:
     norm: Optional[Literal["bn", "gn", "none"]] = None  # normalization layer (gn/none for exact rank invariance)
     drop_path_rate: Optional[float] = None  # stochastic depth (DeiT)
     sync_bn: bool = False  # BatchNorm statistics over the global batch of all ranks (torch SyncBatchNorm on CUDA)
+    distillation: str = "none"  # none, or hard: DeiT's distillation head learns the teacher's argmax (Touvron et al. 2021)
+    teacher: str = ""  # hard distillation: a model exported by dist-sparse (model.safetensors), or a model name ...
+    teacher_checkpoint: str = ""  # ... with its local weights file (.safetensors / .pt)
     extra: dict = field(default_factory=dict)  # further keyword arguments for the model's entry function
 
 
@@ -83,6 +86,7 @@ class DataConfig:
     cutmix: float = 0.0  # CutMix Beta alpha (DeiT: 1.0; 0: off)
     mix_prob: float = 1.0  # probability that a pair is mixed (mixup/cutmix on)
     mix_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    repeated_aug: int = 1  # repeated augmentation: each sample this many times per global batch (DeiT: 3; 1: off)
     train_subset: int = 0  # use only the first N training samples (0: all) - for tests and demos
     val_subset: int = 0  # use only the first N validation samples (0: all)
     max_tokens: int = 4096  # translation: tokens (source + target) per global batch, bucketed by length
@@ -276,8 +280,33 @@ def validate(cfg: Config) -> None:
                f"a multiple of run.num_processes ({r.num_processes}): it is the global batch, split evenly")
     _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
     names = model_names()
-    _check(m.name in names, "model.name", m.name, "one of " + ", ".join(names))
+    from .models.external import external_exists, is_external
+
+    if is_external(m.name):
+        _check(external_exists(m.name), "model.name", m.name,
+               f"an architecture {m.name.split('/')[0]} knows (its list_models())")
+        for key in ("width_mult", "stem", "norm"):
+            _check(getattr(m, key) is None, f"model.{key}", getattr(m, key),
+                   f"unset for {m.name} (our ResNet option; pass timm keyword arguments in model.extra)")
+    else:
+        _check(m.name in names, "model.name", m.name,
+               "one of " + ", ".join(names) + ", or timm/<arch> or torchvision/<arch>")
     _check(m.width_mult is None or m.width_mult > 0, "model.width_mult", m.width_mult, "a number > 0")
+    _check(m.distillation in ("none", "hard"), "model.distillation", m.distillation, "none or hard")
+    if m.distillation == "none":
+        for key in ("teacher", "teacher_checkpoint"):
+            _check(not getattr(m, key), f"model.{key}", getattr(m, key), "empty while model.distillation is none")
+    else:
+        _check(m.name.startswith("deit_"), "model.distillation", m.distillation,
+               f"none for model.name={m.name} (hard distillation needs DeiT's distillation token and head)")
+        _check(bool(m.teacher), "model.teacher", m.teacher, "an exported model file or a model name (with "
+               "model.teacher_checkpoint) for model.distillation=hard")
+        if m.teacher.endswith(".safetensors") and not m.teacher_checkpoint:
+            _check(os.path.isfile(m.teacher), "model.teacher", m.teacher, "an existing exported model file")
+        else:
+            _check(bool(m.teacher_checkpoint) and os.path.isfile(m.teacher_checkpoint), "model.teacher_checkpoint",
+                   m.teacher_checkpoint, f"an existing local weights file for the teacher {m.teacher} (a random "
+                   "teacher teaches nothing)")
     from .data import dataset_names, dataset_task
     from .models import model_family
 
@@ -304,6 +333,7 @@ def validate(cfg: Config) -> None:
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0 (0: in the training process)")
         _check(d.decoder in ("pil", "torchvision"), "data.decoder", d.decoder, "pil or torchvision")
         check_transform_keys(d, DataConfig())
+        _check(d.repeated_aug >= 1, "data.repeated_aug", d.repeated_aug, "an integer >= 1 (1: off)")
         _check(d.mixup >= 0, "data.mixup", d.mixup, "a Beta alpha >= 0 (0: off)")
         _check(d.cutmix >= 0, "data.cutmix", d.cutmix, "a Beta alpha >= 0 (0: off)")
         for key in ("mix_prob", "mix_switch_prob"):

@@ -28,6 +28,8 @@ def model_kwargs(cfg, info: dict[str, Any]) -> dict[str, Any]:
         kw = dict(num_classes=m.num_classes or info.get("num_classes"), in_chans=m.in_chans or info.get("in_chans"),
                   img_size=m.img_size or info.get("img_size"), width_mult=m.width_mult, stem=m.stem, norm=m.norm,
                   drop_path_rate=m.drop_path_rate)
+    if getattr(m, "distillation", "none") != "none":
+        kw["distilled"] = True
     kw.update(m.extra)
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -67,13 +69,33 @@ class ClassificationTask(Task):
     def model_input(self, batch) -> tuple:
         return (batch[0],)
 
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
+    teacher: nn.Module | None = None  # hard distillation (set by the trainer: frozen, eval mode, on the device)
+
+    def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if y.is_floating_point():  # soft targets of Mixup/CutMix (label smoothing already folded in)
             from timm.loss import SoftTargetCrossEntropy
 
-            return SoftTargetCrossEntropy()(model(x).float(), y.float())
-        return F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing)
+            return SoftTargetCrossEntropy()(logits.float(), y.float())
+        return F.cross_entropy(logits, y, label_smoothing=self.cfg.optim.label_smoothing)
+
+    def forward(self, model: nn.Module, batch) -> torch.Tensor:
+        out = model(*self.model_input(batch))
+        return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out  # a distilled DeiT in training
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        out = model(x)
+        if not isinstance(out, tuple):
+            return self._ce(out, y)
+        # DeiT with distillation in training: (class head, distillation head). Hard distillation
+        # (Touvron et al. 2021, eq. 3): 1/2 CE(class head, y) + 1/2 CE(distillation head, teacher argmax).
+        cls, dist = out
+        if self.teacher is None:
+            raise RuntimeError("the model returns a distillation head but no teacher is set")
+        with torch.no_grad():
+            p = next(self.teacher.parameters())
+            target = self.teacher(x.to(p.dtype)).argmax(-1)
+        return 0.5 * self._ce(cls, y) + 0.5 * F.cross_entropy(dist, target)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, accelerator, epoch: int) -> dict[str, float]:
@@ -153,6 +175,25 @@ class TranslationTask(Task):
         nll = sums[0].item() / n
         return {"val_loss": nll, "val_ppl": float(torch.tensor(nll).exp()), "val_acc": sums[1].item() / n,
                 "val_tokens": int(sums[2].item())}
+
+
+def load_teacher(cfg, info: dict[str, Any]) -> nn.Module:
+    """The hard-distillation teacher of ``cfg.model``: an exported model file, or a model name with its
+    local weights (every tensor must match: a teacher with a fresh head would teach noise)."""
+    m = cfg.model
+    if not m.teacher_checkpoint:
+        from .checkpoint import load_exported
+
+        teacher = load_exported(m.teacher)
+    else:
+        from .models.external import load_local_weights
+
+        teacher = create_model(m.teacher, num_classes=m.num_classes or info.get("num_classes"),
+                               in_chans=m.in_chans or info.get("in_chans"))
+        load_local_weights(teacher, m.teacher_checkpoint, new_head_ok=False)
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    return teacher.eval()
 
 
 def make_task(task: str, cfg, info: dict[str, Any], world_size: int = 1) -> Task:

@@ -224,6 +224,10 @@ class Trainer:
         if cast is not None:  # the DeepSpeed engine holds the model in bf16/fp16: inputs must match
             self.data.train, self.data.val = CastLoader(self.data.train, cast), CastLoader(self.data.val, cast)
         self.task = make_task(self.data.task, cfg, self.data.info, self.world)
+        if cfg.model.distillation != "none":
+            from .tasks import load_teacher
+
+            self.task.teacher = load_teacher(cfg, self.data.info).to(self.acc.device)
         accum = cfg.optim.grad_accum_steps
         self.steps_per_epoch = len(self.data.train) // accum
         if self.steps_per_epoch < 1:
@@ -281,6 +285,8 @@ class Trainer:
                 raise ConfigError("model.sync_bn", True, f"false: {self.cfg.model.name} with these settings has no "
                                   "BatchNorm layer (model.norm=gn/none, or a ViT/Transformer)")
             model = convert_sync_batchnorm(model)
+        if self.cfg.model.distillation != "none":
+            model.train_both_heads = True  # the loss needs both heads (exports and eval use their mean)
         if self.cfg.run.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -610,6 +616,12 @@ def format_result_table(r: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+def _say(line: str) -> None:
+    """One line to stderr in ONE write: the ranks' lines must not interleave in a shared pipe."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode("utf-8", "replace"))
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Train with ``cfg``; returns the final metrics (on every rank)."""
     ok = False
@@ -620,7 +632,11 @@ def run(cfg: Config) -> dict[str, Any]:
         trainer.acc.end_training()
         ok = True
         return result
-    except RunError:  # raised on every rank alike (a failed rebuild): the ranks still meet
+    except RunError as err:  # raised on every rank alike (a failed rebuild): the ranks still meet
+        # Print before the ranks meet in shutdown: a rank that exits first would have the launcher
+        # kill the others before they print their line.
+        _say(f"error: {err}")
+        err.printed = True
         ok = True
         raise
     finally:
@@ -647,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         print(str(err), file=sys.stderr, flush=True)
         return 2
     except RunError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if not getattr(err, "printed", False):
+            _say(f"error: {err}")
         return 1
     return 0 if result is not None else 1
 

@@ -40,7 +40,7 @@ _DECODED: set[str] = set()
 
 # data.* keys of the decoded-image pipeline (data/pipeline.py, data/transforms.py)
 PIPELINE_KEYS = ("num_workers", "decoder", "transform", "scale", "ratio", "interpolation", "crop_pct", "color_jitter",
-                 "auto_augment", "re_prob", "mixup", "cutmix", "mix_prob", "mix_switch_prob")
+                 "auto_augment", "re_prob", "mixup", "cutmix", "mix_prob", "mix_switch_prob", "repeated_aug")
 
 
 def register_dataset(name: str, task: str = "classification", decoded: bool = False):
@@ -59,7 +59,7 @@ def register_dataset(name: str, task: str = "classification", decoded: bool = Fa
 def _load_builtin() -> None:
     import importlib
 
-    for mod in ("vision", "translation"):
+    for mod in ("vision", "shards", "translation"):
         try:
             importlib.import_module(f"dist_sparse.data.{mod}")
         except ModuleNotFoundError as err:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from ..errors import ConfigError
-from .transforms import sample_seed, seeded
+from .transforms import key_seed, seeded
 
 __all__ = ["SampleSource", "PipelineLoader"]
 
@@ -42,11 +42,11 @@ class _Keyed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, i = key
+    def __getitem__(self, key: tuple[int, ...]):
+        epoch, i = key[0], key[1]
         img, label = self.source.load(i)
         if self.randomized:
-            with seeded(sample_seed(self.seed, epoch, i)):
+            with seeded(key_seed(self.seed, key)):
                 x = self.transform(img)
         else:
             x = self.transform(img)
@@ -87,6 +87,11 @@ class PipelineLoader:
         num_workers: decoding/augmenting processes per rank (0: in this process).
         prefetch_factor: batches each worker keeps ready.
         channels_last: return images in channels_last memory format.
+        repeats: repeated augmentation (Hoffer et al. 2020; DeiT's sampler): each global batch holds
+            m = ceil(global_batch / repeats) distinct samples, each ``repeats`` times with its own
+            augmentation, the copies m rows apart (on different ranks once there are ``repeats`` or
+            more; the last copies are cut where ``repeats`` does not divide the batch); an epoch
+            keeps its number of batches, so it sees about 1/repeats of the distinct samples.
 
     ``augment`` (an attribute): False makes a training loader use the eval transform (calibration
     batches); it keeps its shuffled order.
@@ -95,7 +100,7 @@ class PipelineLoader:
     def __init__(self, source: SampleSource, size: int, global_batch: int, *, rank: int, world_size: int, device,
                  seed: int, train: bool, train_transform: Callable, eval_transform: Callable, finish: Callable,
                  out_shape: tuple[int, int, int], num_workers: int = 0, prefetch_factor: int = 2,
-                 channels_last: bool = False, augment: bool = True, mix: Callable | None = None):
+                 channels_last: bool = False, augment: bool = True, mix: Callable | None = None, repeats: int = 1):
         if global_batch % world_size:
             raise ConfigError("data.batch_size", global_batch, f"a multiple of the number of processes ({world_size})")
         if train and size < global_batch:
@@ -107,6 +112,7 @@ class PipelineLoader:
             raise ConfigError("data.batch_size", global_batch, f"an even number of samples per process ({world_size} "
                               "processes) with data.mixup/data.cutmix: pairs of rows are mixed on one rank")
         self.mix = mix if train else None
+        self.repeats = int(repeats) if train else 1
         self.train_transform, self.eval_transform, self.finish = train_transform, eval_transform, finish
         self.out_shape = tuple(out_shape)
         self.num_workers, self.prefetch_factor = int(num_workers), int(prefetch_factor)
@@ -154,8 +160,17 @@ class PipelineLoader:
             return [[(epoch, i) for i in self.shard[b * bs:(b + 1) * bs]] for b in range(start, len(self))]
         order = self._order(epoch)
         lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
-        return [[(epoch, int(i)) for i in order[b * self.global_batch:(b + 1) * self.global_batch][lo:hi]]
-                for b in range(start, len(self))]
+        if self.repeats == 1:
+            return [[(epoch, int(i)) for i in order[b * self.global_batch:(b + 1) * self.global_batch][lo:hi]]
+                    for b in range(start, len(self))]
+        m = -(-self.global_batch // self.repeats)  # distinct samples per global batch
+        out = []
+        for b in range(start, len(self)):
+            uniq = order[b * m:(b + 1) * m].tolist()
+            # copy c of distinct sample k at row c*m + k; a batch that repeats does not divide ends early
+            rows = [(epoch, int(i), c) for c in range(self.repeats) for i in uniq][:self.global_batch]
+            out.append(rows[lo:hi])
+        return out
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor, keys: list[tuple[int, int]] | None):
         nb = self.device.type == "cuda"

@@ -31,7 +31,7 @@ import torch
 from ..errors import ConfigError
 
 __all__ = ["RECIPES", "build_transforms", "seeded", "sample_seed", "eval_resize", "check_transform_keys", "Finish",
-           "PairMix"]
+           "PairMix", "key_seed"]
 
 RECIPES = ("crop_flip", "rrc", "timm")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -70,6 +70,14 @@ def seeded(seed: int):
         finally:
             random.setstate(py)
             np.random.set_state(npy)
+
+
+def key_seed(seed: int, key: Sequence[int]) -> int:
+    """The augmentation seed of a pipeline key ``(epoch, sample)`` or ``(epoch, sample, copy)``: copy 0
+    is the sample's own seed, further copies (repeated augmentation) get their own."""
+    s = sample_seed(seed, key[0], key[1])
+    copy = key[2] if len(key) > 2 else 0
+    return s if copy == 0 else sample_seed(s, copy, 0x5851F42D4C957F2D)
 
 
 def eval_resize(size: int, crop_pct: float) -> int:
@@ -136,8 +144,8 @@ class Finish:
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         if self.erase is not None and keys is not None:
             self.erase.device = x.device
-            for row, (epoch, i) in enumerate(keys):
-                with seeded(sample_seed(seed, epoch, i) ^ 0x2545F4914F6CDD1D):
+            for row, key in enumerate(keys):
+                with seeded(key_seed(seed, key) ^ 0x2545F4914F6CDD1D):
                     self.erase(x[row])
         return x
 
@@ -232,8 +240,7 @@ class PairMix:
             raise ValueError(f"PairMix needs an even number of rows per rank, got {len(keys)}")
         xs, ys = [], []
         for k in range(0, len(keys), 2):
-            epoch, first = keys[k]
-            with seeded(sample_seed(seed, epoch, first) ^ 0x61C8864680B583EB):
+            with seeded(key_seed(seed, keys[k]) ^ 0x61C8864680B583EB):
                 xx, yy = self.mix(x[k:k + 2].clone(), y[k:k + 2])
             xs.append(xx)
             ys.append(yy)

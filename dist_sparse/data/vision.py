@@ -368,7 +368,8 @@ def _decoded_bundle(cfg, train_src, n_train, val_src, n_val, info, *, rank, worl
 
         mix = PairMix(d.mixup, d.cutmix, d.mix_prob, d.mix_switch_prob, cfg.optim.label_smoothing,
                       info["num_classes"])
-    train = PipelineLoader(train_src, n_train, d.batch_size, train=True, augment=d.augment, mix=mix, **common)
+    train = PipelineLoader(train_src, n_train, d.batch_size, train=True, augment=d.augment, mix=mix,
+                           repeats=d.repeated_aug, **common)
     val = PipelineLoader(val_src, n_val, cfg.run.eval_batch_size or d.batch_size, train=False, **common)
     return DataBundle(task="classification", train=train, val=val, info=info)
 

@@ -41,12 +41,22 @@ def model_names() -> list[str]:
 
 
 def model_family(name: str) -> str:
+    """'resnet', 'deit', 'transformer' for our models; 'timm' / 'torchvision' for ``timm/<arch>`` names."""
+    from .external import is_external
+
+    if is_external(name):
+        return name.split("/", 1)[0]
     _load_builtin()
     return _FAMILY[name]
 
 
 def create_model(name: str, **kw: Any) -> nn.Module:
-    """Build a registered model. Raises ``KeyError`` naming the known models for an unknown name."""
+    """Build a registered model, or ``timm/<arch>`` / ``torchvision/<arch>`` (models/external.py).
+    Raises ``KeyError`` naming the known models for an unknown name."""
+    from .external import create_external, is_external
+
+    if is_external(name):
+        return create_external(name, **{k: v for k, v in kw.items() if v is not None})
     _load_builtin()
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")

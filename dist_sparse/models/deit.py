@@ -221,9 +221,15 @@ class VisionTransformer(nn.Module):
         dist = self.head_dist(x[:, 1]) if self.head_dist is not None else None
         return self.head(x[:, 0]), dist
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: images (B, C, H, W). Returns: logits (B, num_classes) (mean of both heads if distilled)."""
+    # Set by the trainer under hard distillation: in training mode the forward returns both heads.
+    train_both_heads = False
+
+    def forward(self, x: torch.Tensor):
+        """Args: x: images (B, C, H, W). Returns: logits (B, num_classes) (mean of both heads if distilled);
+        (class logits, distillation logits) in training mode when ``train_both_heads``."""
         cls, dist = self.forward_heads(x)
+        if dist is not None and self.training and self.train_both_heads:
+            return cls, dist
         return cls if dist is None else (cls + dist) / 2
 
 

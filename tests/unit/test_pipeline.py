@@ -329,3 +329,20 @@ def test_soft_target_loss_is_the_cross_entropy_of_the_mixture():
     soft = torch.softmax(torch.randn(4, 5), 1)
     want = -(soft * torch.log_softmax(logits, 1)).sum(1).mean()
     torch.testing.assert_close(task.loss(model, (None, soft)), want)
+
+
+def test_repeated_augmentation_spreads_copies_with_their_own_draws(rgb_folder):
+    ra = ["data.repeated_aug=2", *TIMM_AUG]
+    b = _bundle(rgb_folder, extra=ra, channels=3, size=32)
+    keys = b.train._keys(1, 0)
+    assert len(keys) == len(b.train) == 12 // 8
+    first = keys[0]
+    assert [k[1] for k in first[:4]] == [k[1] for k in first[4:]]  # copy 1 of row k at row k + 4
+    assert [k[2] for k in first] == [0] * 4 + [1] * 4
+    x, _ = next(b.train.iter_from(1))
+    assert all(not torch.equal(x[k], x[k + 4]) for k in range(4))  # each copy augmented on its own
+    one = _epoch(b.train)
+    halves = [_epoch(_bundle(rgb_folder, rank=r, world=2, extra=ra, channels=3, size=32).train) for r in (0, 1)]
+    _same(one, [(torch.cat([h0[0], h1[0]]), torch.cat([h0[1], h1[1]])) for h0, h1 in zip(*halves)])
+    k3 = _bundle(rgb_folder, extra=["data.repeated_aug=3"], channels=3, size=32).train._keys(0, 0)[0]
+    assert [k[2] for k in k3] == [0, 0, 0, 1, 1, 1, 2, 2]  # 3 distinct samples, the last copy cut

@@ -58,6 +58,7 @@ def test_distillation_needs_a_deit():
     assert err.value.key == "model.distillation"
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_deit_learns_from_an_exported_teacher(tmp_path):
     quiet = ["logging.progress_bar=false", "run.num_processes=0", f"run.output_dir={tmp_path}",

@@ -106,13 +106,9 @@ class TarShards:
 @register_dataset("webdataset", decoded=True)
 def build_webdataset(cfg, *, rank: int, world_size: int, device, run_dir: str) -> DataBundle:
     """Tar shards under ``data.root`` (``data.extra.train_shards`` / ``val_shards`` globs)."""
-    from .vision import _decoded_bundle, _extra, _subset
+    from .vision import _decoded_bundle, _extra, _subset, decoded_layout
 
-    root = cfg.data.root or os.environ.get("DIST_SPARSE_DATA", "")
-    size = int(_extra(cfg, "img_size", cfg.model.img_size or 32))
-    ch = int(_extra(cfg, "channels", cfg.model.in_chans or 3))
-    if ch not in (1, 3):
-        raise ConfigError("data.extra.channels", ch, "1 or 3")
+    root, size, ch = decoded_layout(cfg)
     train = TarShards(os.path.join(root, _extra(cfg, "train_shards", "train-*.tar")), ch, cfg.data.decoder)
     val = TarShards(os.path.join(root, _extra(cfg, "val_shards", "val-*.tar")), ch, cfg.data.decoder)
     n_tr, n_va = _subset(len(train), cfg.data.train_subset), _subset(len(val), cfg.data.val_subset)

@@ -384,14 +384,21 @@ def _drafts(cfg, size: int) -> tuple[int | None, int]:
     return None, eval_resize(size, d.crop_pct)
 
 
-@register_dataset("image_folder", decoded=True)
-def build_image_folder(cfg, *, rank: int, world_size: int, device, run_dir: str) -> DataBundle:
-    """``data.root`` holds ``train/`` and ``val/`` class folders (CIFAR/ImageNet exported to disk)."""
+def decoded_layout(cfg) -> tuple[str, int, int]:
+    """(root, output side, channels) of a decoded image set: ``data.root`` (or $DIST_SPARSE_DATA),
+    ``data.extra.img_size`` (or ``model.img_size``, 32) and ``data.extra.channels`` (1 or 3)."""
     root = cfg.data.root or os.environ.get("DIST_SPARSE_DATA", "")
     size = int(_extra(cfg, "img_size", cfg.model.img_size or 32))
     ch = int(_extra(cfg, "channels", cfg.model.in_chans or 3))
     if ch not in (1, 3):
         raise ConfigError("data.extra.channels", ch, "1 or 3")
+    return root, size, ch
+
+
+@register_dataset("image_folder", decoded=True)
+def build_image_folder(cfg, *, rank: int, world_size: int, device, run_dir: str) -> DataBundle:
+    """``data.root`` holds ``train/`` and ``val/`` class folders (CIFAR/ImageNet exported to disk)."""
+    root, size, ch = decoded_layout(cfg)
     tr_draft, va_draft = _drafts(cfg, size)
     train = ImageFolderData(os.path.join(root, _extra(cfg, "train_dir", "train")), ch, decoder=cfg.data.decoder,
                             draft=tr_draft)
@@ -436,9 +443,7 @@ def _load_hf_split(root: str, split: str):
 @register_dataset("hf_image", decoded=True)
 def build_hf_image(cfg, *, rank: int, world_size: int, device, run_dir: str) -> DataBundle:
     """A local Hugging Face image data set (``save_to_disk`` directory or ``train/test.parquet``)."""
-    root = cfg.data.root or os.environ.get("DIST_SPARSE_DATA", "")
-    size = int(_extra(cfg, "img_size", cfg.model.img_size or 32))
-    ch = int(_extra(cfg, "channels", cfg.model.in_chans or 3))
+    root, size, ch = decoded_layout(cfg)
     ik, lk = _extra(cfg, "image_key", "image"), _extra(cfg, "label_key", "label")
     dec = cfg.data.decoder
     train = HFImages(_load_hf_split(root, _extra(cfg, "train_split", "train")), ik, lk, ch, dec)

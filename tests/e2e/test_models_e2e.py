@@ -192,6 +192,7 @@ def _translation_run(tmp_path, name: str, extra: list[str]) -> dict:
     return {"epochs": _events(tmp_path / name, "epoch"), "end": _events(tmp_path / name, "end")[0]}
 
 
+@pytest.mark.slow  # ~4 min: kept out of CI's 30 minutes; Ding training + resume stays in the default set
 @needs_ding
 def test_ding_translation_loss_falls_and_bleu_is_reported(tmp_path):
     # transformer_tiny (2+2 layers, d 64), 3 epochs of the first 3000 training pairs, bf16, greedy BLEU on

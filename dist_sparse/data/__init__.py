@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 __all__ = ["DataBundle", "EpochLoader", "register_dataset", "dataset_names", "dataset_task", "build_data",
-           "calibration_batches", "CastLoader", "cast_batch", "dataset_decoded", "PIPELINE_KEYS"]
+           "calibration_batches", "CastLoader", "cast_batch", "dataset_decoded", "PIPELINE_KEYS", "epoch_order"]
 
 
 class EpochLoader(Protocol):
@@ -122,6 +122,15 @@ class CastLoader:
     def iter_from(self, epoch: int, start: int = 0) -> Iterator[Any]:
         for batch in self.inner.iter_from(epoch, start):
             yield cast_batch(batch, self.dtype)
+
+
+def epoch_order(seed: int, epoch: int, size: int):
+    """The seeded permutation of ``size`` samples that an image epoch is cut into global batches from."""
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(seed * 7919 + epoch)
+    return torch.randperm(size, generator=g)
 
 
 def calibration_batches(loader: EpochLoader, n: int, epoch: int = 0) -> Iterator[Any]:

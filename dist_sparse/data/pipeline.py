@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from ..errors import ConfigError
+from . import epoch_order
 from .transforms import key_seed, seeded
 
 __all__ = ["SampleSource", "PipelineLoader"]
@@ -43,7 +44,7 @@ class _Keyed(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, key: tuple[int, ...]):
-        epoch, i = key[0], key[1]
+        i = key[1]
         img, label = self.source.load(i)
         if self.randomized:
             with seeded(key_seed(self.seed, key)):
@@ -57,7 +58,7 @@ class _Plan(torch.utils.data.Sampler):
     """Yields this rank's keys of every batch in ``batches`` (set before each pass)."""
 
     def __init__(self):
-        self.batches: list[list[tuple[int, int]]] = []
+        self.batches: list[list[tuple[int, ...]]] = []
 
     def __iter__(self):
         return iter(self.batches)
@@ -138,11 +139,6 @@ class PipelineLoader:
         new.__dict__.update(self.__getstate__())
         return new
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator()
-        g.manual_seed(self.seed * 7919 + epoch)  # the in-memory loader's permutation
-        return torch.randperm(self.size, generator=g)
-
     def _loader(self, randomized: bool) -> tuple[_Plan, torch.utils.data.DataLoader]:
         if randomized not in self._loaders:
             plan = _Plan()
@@ -154,16 +150,13 @@ class PipelineLoader:
             self._loaders[randomized] = (plan, dl)
         return self._loaders[randomized]
 
-    def _keys(self, epoch: int, start: int) -> list[list[tuple[int, int]]]:
+    def _keys(self, epoch: int, start: int) -> list[list[tuple[int, ...]]]:
         if not self.train:
             bs = self.local_batch
             return [[(epoch, i) for i in self.shard[b * bs:(b + 1) * bs]] for b in range(start, len(self))]
-        order = self._order(epoch)
+        order = epoch_order(self.seed, epoch, self.size)
         lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
-        if self.repeats == 1:
-            return [[(epoch, int(i)) for i in order[b * self.global_batch:(b + 1) * self.global_batch][lo:hi]]
-                    for b in range(start, len(self))]
-        m = -(-self.global_batch // self.repeats)  # distinct samples per global batch
+        m = -(-self.global_batch // self.repeats)  # distinct samples per global batch (all of it without repeats)
         out = []
         for b in range(start, len(self)):
             uniq = order[b * m:(b + 1) * m].tolist()
@@ -172,7 +165,7 @@ class PipelineLoader:
             out.append(rows[lo:hi])
         return out
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor, keys: list[tuple[int, int]] | None):
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor, keys: list[tuple[int, ...]] | None):
         nb = self.device.type == "cuda"
         x = self.finish(x.to(self.device, non_blocking=nb), keys, self.seed)
         y = y.to(self.device, non_blocking=nb)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from . import DataBundle, register_dataset
+from . import DataBundle, epoch_order, register_dataset
 
 __all__ = ["FASHION_MNIST_DIRS", "load_idx_images", "load_idx_labels", "load_fashion_mnist", "ImageLoader",
            "ImageFolderData", "HFImages", "INSTALL_HINT"]
@@ -144,10 +144,6 @@ class ImageLoader:
         per = -(-self.size // self.world)
         return max(1, -(-per // self.local_batch))
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator()
-        g.manual_seed(self.seed * 7919 + epoch)
-        return torch.randperm(self.size, generator=g)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True).float().div_(255.0)
@@ -165,7 +161,7 @@ class ImageLoader:
                 x, y = self.get_images(self.shard[i * bs:(i + 1) * bs])
                 yield self._prepare(x), y.to(self.device)
             return
-        order = self._order(epoch)
+        order = epoch_order(self.seed, epoch, self.size)
         for i in range(start, len(self)):
             glob = order[i * self.global_batch:(i + 1) * self.global_batch]
             lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch

@@ -4,7 +4,6 @@ Real images: Fashion-MNIST test images written as PNG (and JPEG) files into an I
 from __future__ import annotations
 
 import gzip
-import math
 import os
 
 import numpy as np

@@ -7,7 +7,6 @@ import os
 import tarfile
 
 import pytest
-import torch
 
 from dist_sparse.config import load_config
 from dist_sparse.data import build_data

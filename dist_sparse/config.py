@@ -346,7 +346,7 @@ def validate(cfg: Config) -> None:
         for key in PIPELINE_KEYS:
             _check(getattr(d, key) == getattr(base, key), f"data.{key}", getattr(d, key),
                    f"its default for data.name={d.name}, which {'is held in memory and augmented by whole batches' if task == 'classification' else 'is text'}"
-                   "; the decoded-image pipeline serves image_folder and hf_image")
+                   "; the decoded-image pipeline serves " + ", ".join(n for n in dnames if dataset_decoded(n)))
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")

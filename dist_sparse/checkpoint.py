@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -77,8 +77,11 @@ def load_method_state(path: str) -> dict[str, Any]:
 
 
 def save_checkpoint(accelerator, ckpt_dir: str, step: int, meta: dict[str, Any], method_state: dict[str, Any],
-                    keep_last: int) -> str:
+                    keep_last: int, extra: Callable[[str], None] | None = None) -> str:
     """Write checkpoint ``step`` atomically; keep the newest ``keep_last``. Collective: call on every rank.
+
+    ``extra(dir)`` runs on every rank after the accelerator's state is written and writes further
+    files (this rank's weight-EMA pieces) into the checkpoint directory before it is put in place.
 
     Returns:
         The final directory of the checkpoint.
@@ -95,6 +98,8 @@ def save_checkpoint(accelerator, ckpt_dir: str, step: int, meta: dict[str, Any],
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    if extra is not None:
+        extra(tmp)
     if accelerator.is_main_process:
         torch.save(method_state, os.path.join(tmp, "method.pt"))
         with open(os.path.join(tmp, "meta.json.part"), "w", encoding="utf-8") as fh:

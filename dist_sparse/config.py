@@ -60,6 +60,8 @@ class ModelConfig:
     distillation: str = "none"  # none, or hard: DeiT's distillation head learns the teacher's argmax (Touvron et al. 2021)
     teacher: str = ""  # hard distillation: a model exported by dist-sparse (model.safetensors), or a model name ...
     teacher_checkpoint: str = ""  # ... with its local weights file (.safetensors / .pt)
+    ema_decay: float = 0.0  # EMA of the weights, decay per optimizer step (DeiT: 0.99996; 0: off): evaluated and exported beside the model
+    ema_warmup: bool = False  # EMA decay min(ema_decay, 1 - (1 + step)^(-2/3)) (timm's warm-up), so early weights fade
     extra: dict = field(default_factory=dict)  # further keyword arguments for the model's entry function
 
 
@@ -292,6 +294,9 @@ def validate(cfg: Config) -> None:
         _check(m.name in names, "model.name", m.name,
                "one of " + ", ".join(names) + ", or timm/<arch> or torchvision/<arch>")
     _check(m.width_mult is None or m.width_mult > 0, "model.width_mult", m.width_mult, "a number > 0")
+    _check(0.0 <= m.ema_decay < 1.0, "model.ema_decay", m.ema_decay, "a number in [0, 1) (0: no weight EMA)")
+    _check(m.ema_decay > 0 or not m.ema_warmup, "model.ema_warmup", m.ema_warmup,
+           "false while model.ema_decay is 0 (no weight EMA)")
     _check(m.distillation in ("none", "hard"), "model.distillation", m.distillation, "none or hard")
     if m.distillation == "none":
         for key in ("teacher", "teacher_checkpoint"):

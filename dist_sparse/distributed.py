@@ -822,6 +822,41 @@ def global_sum(x: torch.Tensor) -> torch.Tensor:
     return _GlobalSum.apply(x)
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Put FSDP2 modules back into their sharded state (no communication; no-op for other layouts).
+
+    FSDP2 leaves the root's parameters gathered after a forward that no backward followed
+    (evaluation); while gathered, the module's parameters are full plain tensors instead of the
+    sharded DTensors. Call this before reading or writing the shards from outside a training step.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def refresh_full_copies(module: torch.nn.Module) -> None:
+    """Make the next forward see what was written into the shards (``local_view``) of ``module``.
+
+    FSDP2 modules are resharded (:func:`reshard`: the next forward gathers again). ZeRO-3 keeps its
+    small "persistent" parameters gathered for good: after values are written into the partitions
+    from outside the optimizer (the weight EMA swapped in and out), those are gathered anew. A
+    collective under ZeRO-3: every rank calls it. No-op for plain layouts.
+    """
+    reshard(module)
+    gathered = [p for p in module.parameters()
+                if layout(p) == "zero3" and p.ds_numel > 0 and p.data.numel() == p.ds_numel]
+    if gathered:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        for p in gathered:  # all_gather skips parameters it believes available
+            p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+        gathered[0].all_gather(param_list=gathered)
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> int:
     """Copy every buffer of ``module`` (BatchNorm running stats, counters, ...) from rank ``src`` to all.
 
@@ -1159,6 +1194,14 @@ def add_grad_(param: torch.Tensor, full: torch.Tensor) -> None:
 _WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
+def plain_name(name: str) -> str:
+    """A parameter or buffer name without the tokens FSDP1, activation checkpointing and compile insert
+    (the names of the plain module's ``state_dict``)."""
+    for tok in _WRAPPER_TOKENS:
+        name = name.replace(tok, "")
+    return name
+
+
 def _unwrap_container(module: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP / DeepSpeed engine containers (their ``module.`` prefix is not in the plain keys)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -1213,8 +1256,7 @@ def full_state_dict(module: torch.nn.Module, fp32_master: bool = True) -> dict[s
     done: dict[int, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for key, value in inner.state_dict(keep_vars=True).items():
-        for tok in _WRAPPER_TOKENS:
-            key = key.replace(tok, "")
+        key = plain_name(key)
         if not isinstance(value, torch.Tensor):
             out[key] = value
             continue
@@ -1230,7 +1272,8 @@ def full_state_dict(module: torch.nn.Module, fp32_master: bool = True) -> dict[s
 
 
 def batched_gather_full(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                        device: torch.device | str = "cpu",
+                        local: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The full values of many (possibly sharded) tensors on every rank, with ONE collective.
 
     Every rank writes the elements it holds (its ``local_view``, counted once as in
@@ -1244,6 +1287,8 @@ def batched_gather_full(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype 
         tensors: name -> tensor of any layout (plain, FSDP2 DTensor sharded on any dims, ZeRO-3).
         dtype: dtype of the results (and of the buffer).
         device: where the results live.
+        local: name -> this rank's piece to gather in place of ``local_view(tensors[name])``: a tensor
+            laid out like that parameter (e.g. the weight EMA's shard); ``tensors`` then gives the layout.
 
     Returns:
         name -> plain full tensor of the full shape. Collective: every rank passes the same names.
@@ -1255,18 +1300,19 @@ def batched_gather_full(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype 
     for name, t in tensors.items():
         piece = flat.narrow(0, off, sizes[name])
         if _contributes(t):
-            local = local_view(t).detach().to("cpu", dtype)
+            piece_of_t = local_view(t) if local is None else local[name]
+            local_t = piece_of_t.detach().to("cpu", dtype)
             kind = layout(t)
             if kind == "dtensor":
                 block = piece.view(shapes[name])
                 for d, (start, length) in enumerate(_dtensor_ranges(t)):
                     block = block.narrow(d, start, length)
-                block.copy_(local)
+                block.copy_(local_t)
             elif kind == "zero3":
                 start, length, _ = _zero3_span(t)
-                piece.narrow(0, start, length).copy_(local.reshape(-1))
+                piece.narrow(0, start, length).copy_(local_t.reshape(-1))
             else:
-                piece.copy_(local.reshape(-1))
+                piece.copy_(local_t.reshape(-1))
         off += sizes[name]
     if world_size() > 1 and tensors:
         dev = _comm_device(torch.device("cpu"))

@@ -12,6 +12,7 @@ written once::
                       optimizer.step(); optimizer.zero_grad()
                       if the step was applied (not an fp16 overflow):
                           lr schedule step;  method.after_step(model, step)
+                          ema.update(model, step)                          (weight EMA, if any)
                       step += 1
     epoch end         method.on_epoch_end(model, epoch, metrics) -> Rebuild | None
     training end      method.on_train_end(model) -> Rebuild | None
@@ -95,14 +96,17 @@ class Driver:
         loss_fn: ``loss_fn(model, batch) -> loss`` (the task loss of one micro-batch).
         grad_clip: clip the global gradient norm to this (0: off). Under DeepSpeed the engine clips.
         step: the optimizer step to start from (a resumed run).
+        ema: a :class:`~dist_sparse.ema.WeightEMA` to update after every applied step (after the
+            method's ``after_step``, so it averages the masked weights), or None.
     """
 
     def __init__(self, method: Method, accelerator: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor], *,
-                 grad_clip: float = 0.0, step: int = 0):
+                 grad_clip: float = 0.0, step: int = 0, ema: Any = None):
         self.method, self.acc, self.loss_fn = method, accelerator, loss_fn
         self.grad_clip = float(grad_clip)
         self.step = int(step)
         self.skipped_steps = 0
+        self.ema = ema
         self.model: nn.Module | None = None
         self.optimizer: Any = None
         self.scheduler: Any = None
@@ -137,6 +141,8 @@ class Driver:
             if self.scheduler is not None:
                 self.scheduler.step()
             method.after_step(self.unwrapped, self.step)
+            if self.ema is not None:
+                self.ema.update(self.unwrapped, self.step)
         else:
             self.skipped_steps += 1
             log.debug("optimizer step %d skipped (gradient overflow): schedule and method wait", self.step)

@@ -35,6 +35,7 @@ from .backend import (backend_name, build_accelerator, engine_settings, input_dt
 from .config import Config, ConfigError, config_to_dict, load_config
 from .data import CastLoader, build_data, calibration_batches
 from .driver import Driver, run_surgery
+from .ema import WeightEMA
 from .errors import RunError
 from .metrics.layer_stats import count_parameters
 from .methods import Rebuild, create_method
@@ -249,6 +250,7 @@ class Trainer:
         self.best_acc, self.last_eval = 0.0, {}
         self.rebuilds: list[dict] = []
 
+        self.ema: WeightEMA | None = None  # the weight EMA (model.ema_decay > 0)
         self.method = create_method(cfg.method, seed=r.seed)
         self.method.setup(self._run_context())
         self.driver = Driver(self.method, self.acc, self.task.loss, grad_clip=cfg.optim.grad_clip)
@@ -310,6 +312,14 @@ class Trainer:
                                     if not isinstance(o, torch.optim.lr_scheduler.LRScheduler)]
         self.acc.register_for_checkpointing(self.scheduler)
         self.driver.attach(self.model, self.optimizer, self.scheduler)
+        m = self.cfg.model
+        if m.ema_decay > 0:
+            if self.ema is None:
+                self.ema = WeightEMA(self.unwrapped, m.ema_decay, m.ema_warmup)
+            else:  # a rebuild changed the architecture: the average starts again from its weights
+                self.ema.reset(self.unwrapped)
+                log.info("weight EMA restarted from the rebuilt model")
+            self.driver.ema = self.ema
         total, nonzero = count_parameters(self.unwrapped)
         self.n_params, self.n_nonzero = total, nonzero
         log.info("model=%s method=%s params=%d nonzero=%d steps/epoch=%d total steps=%d", self.cfg.model.name,
@@ -339,8 +349,9 @@ class Trainer:
                 "loss_sum": float(self.loss_sum.item()), "loss_count": self.loss_count, "best_acc": self.best_acc,
                 "world_size": self.world, "backend": self.backend, "rebuilds": self.rebuilds,
                 "model": self.cfg.model.name, "method": self.cfg.method.name}
+        extra = None if self.ema is None else (lambda d: self.ema.save(d, self.unwrapped))
         path = ckpt.save_checkpoint(self.acc, self.ckpt_dir, self.step, meta, self.method.state_dict(),
-                                    self.cfg.checkpoint.keep_last)
+                                    self.cfg.checkpoint.keep_last, extra=extra)
         log.debug("checkpoint written: %s", path)
         return path
 
@@ -361,6 +372,12 @@ class Trainer:
 
     def _load(self, path: str, meta: dict) -> None:
         self.acc.load_state(path)
+        if self.ema is not None:
+            try:
+                self.ema.load(path, self.unwrapped)
+            except FileNotFoundError as err:  # EMA switched on for a run that had none: start it here
+                log.warning("%s; the weight EMA starts from the resumed weights", err)
+                self.ema.reset(self.unwrapped)
         self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         self.loss_sum.fill_(meta["loss_sum"])
         self.loss_count, self.best_acc, self.rebuilds = meta["loss_count"], meta["best_acc"], meta["rebuilds"]
@@ -514,10 +531,16 @@ class Trainer:
             self.save()
 
     def evaluate(self) -> dict[str, Any]:
-        """Validation metrics, reduced exactly over ranks (BatchNorm statistics of rank 0 everywhere)."""
+        """Validation metrics, reduced exactly over ranks (BatchNorm statistics of rank 0 everywhere);
+        with a weight EMA also those of the averaged weights (``ema_`` + the same keys)."""
         dist.broadcast_buffers(self.unwrapped)
         self.model.eval()
         out = self.task.evaluate(self.model, self.data.val, self.acc, self.epoch)
+        if self.ema is not None:
+            with self.ema.swapped_in(self.unwrapped, self.method.constrain):
+                dist.broadcast_buffers(self.unwrapped)
+                out.update({f"ema_{k}": v for k, v in
+                            self.task.evaluate(self.model, self.data.val, self.acc, self.epoch).items()})
         self.model.train()
         return out
 
@@ -528,6 +551,9 @@ class Trainer:
         """
         dist.broadcast_buffers(self.unwrapped)
         full = dist.full_state_dict(self.unwrapped, fp32_master=True)
+        return self._finalize(full)
+
+    def _finalize(self, full: dict[str, torch.Tensor]) -> torch.nn.Module:
         plain = self._plain_model()
         plain.load_state_dict(full, strict=True)
         return self.method.finalize(plain).eval()
@@ -561,6 +587,15 @@ class Trainer:
             if self.acc.is_main_process:
                 ckpt.save_exported(final, os.path.join(self.run_dir, "model.safetensors"),
                                    export_metadata(self.cfg, self.data.info, self.method, self.step))
+            if self.ema is not None:  # the averaged weights, finalized the same way (masks folded)
+                dist.broadcast_buffers(self.unwrapped)
+                full = dist.full_state_dict(self.unwrapped, fp32_master=True)  # non-float entries
+                full.update(self.ema.full_state(self.unwrapped))
+                averaged = self._finalize(full)
+                if self.acc.is_main_process:
+                    ckpt.save_exported(averaged, os.path.join(self.run_dir, "model_ema.safetensors"),
+                                       export_metadata(self.cfg, self.data.info, self.method, self.step))
+                del averaged
             self.acc.wait_for_everyone()
         del final
         self.metrics.write("end", **result)
@@ -597,6 +632,8 @@ def format_result_table(r: dict[str, Any]) -> str:
             ("val top-1" if "val_top5" in r else "val token acc", f"{100 * acc:.2f} %" if acc is not None else "-"),
             ("val top-5", f"{100 * r['val_top5']:.2f} %" if "val_top5" in r else "-"),
             ("val loss", f"{r['val_loss']:.4f}" if "val_loss" in r else "-"),
+            *([("val top-1 (weight EMA)" if "val_top5" in r else "val token acc (EMA)", f"{100 * r['ema_val_acc']:.2f} %")]
+              if "ema_val_acc" in r else []),
             ("params (total)", f"{r['params']:,}"),
             ("params (nonzero)", f"{r['nonzero_params']:,} ({100 * r['nonzero_params'] / max(1, r['params']):.1f} %)"),
             ("train time", f"{r['time_s']:.1f} s")]

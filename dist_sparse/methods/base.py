@@ -175,6 +175,10 @@ class Method:
     def after_step(self, model: nn.Module, step: int) -> None:
         """The optimizer has stepped; re-apply masks, update schedules."""
 
+    def constrain(self, model: nn.Module) -> None:
+        """Impose the method's constraints on weights written from outside the optimizer (the weight
+        EMA swapped in for evaluation): masked methods zero their pruned entries. No state changes."""
+
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, Any] | None = None) -> Rebuild | None:
         """End of an epoch (not the last); ``metrics`` holds the epoch's global train loss and eval
         metrics. May ask for a rebuild of the architecture."""

@@ -32,14 +32,7 @@ from .base import Method, MethodConfig
 
 __all__ = ["SparseConfig", "MaskSet", "MaskedMethod", "find_params", "clean_name"]
 
-_WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name without the tokens that FSDP1, activation checkpointing and compile insert."""
-    for tok in _WRAPPER_TOKENS:
-        name = name.replace(tok, "")
-    return name
+clean_name = D.plain_name  # a parameter name without the tokens FSDP1, checkpointing and compile insert
 
 
 def find_params(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -331,6 +324,9 @@ class MaskedMethod(Method):
         self.mask_grads(model)
 
     def after_step(self, model: nn.Module, step: int) -> None:
+        self.apply_masks(model)
+
+    def constrain(self, model: nn.Module) -> None:
         self.apply_masks(model)
 
     def finalize(self, model: nn.Module) -> nn.Module:

@@ -11,14 +11,14 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, child_env, needs_fmnist, run_train
+from tests.conftest import ROOT, TINY, child_env, needs_fmnist, read_metrics, run_train
 
 pytestmark = [needs_fmnist, pytest.mark.multiproc]
 
 COMMON = ["--config", TINY, "model.norm=gn", "model.extra.zero_init_residual=true", "run.max_steps=10",
           "run.epochs=1", "optim.lr=0.05", "run.deterministic=true", "data.batch_size=64",
           "data.train_subset=1024", "data.val_subset=128", "logging.progress_bar=false", "run.num_processes=0",
-          "run.channels_last=false", "checkpoint.every_epoch=false"]
+          "run.channels_last=false", "checkpoint.every_epoch=false", "model.ema_decay=0.5"]
 
 
 def _launch(backend: str, out: str) -> None:
@@ -41,11 +41,16 @@ def _check(backend: str, tmp_path) -> None:
         pytest.importorskip("deepspeed")
     run_train(COMMON + [f"run.output_dir={tmp_path}", "run.name=one"])
     _launch(backend, str(tmp_path))
-    ref = _weights(str(tmp_path / "one" / "model.safetensors"))
-    got = _weights(str(tmp_path / backend / "model.safetensors"))
-    assert ref.keys() == got.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=lambda m: f"{backend} {k}: {m}")
+    for export in ("model.safetensors", "model_ema.safetensors"):
+        ref = _weights(str(tmp_path / "one" / export))
+        got = _weights(str(tmp_path / backend / export))
+        assert ref.keys() == got.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=lambda m: f"{backend} {export} {k}: {m}")
+    ends = {name: [r for r in read_metrics(str(tmp_path / name)) if r["event"] == "end"][-1] for name in ("one", backend)}
+    assert ends["one"]["ema_val_loss"] != ends["one"]["val_loss"]  # the average is not the live model
+    for key in ("val_loss", "ema_val_loss"):
+        assert abs(ends[backend][key] - ends["one"][key]) < 1e-4, (key, ends)
     from dist_sparse.models import create_model
 
     plain = create_model("resnet20", num_classes=10, in_chans=1, norm="gn", zero_init_residual=True)
@@ -64,3 +69,8 @@ def test_fsdp2_equals_single_process(tmp_path):
 @pytest.mark.slow
 def test_zero2_equals_single_process(tmp_path):
     _check("zero2", tmp_path)
+
+
+@pytest.mark.slow
+def test_zero3_equals_single_process(tmp_path):
+    _check("zero3", tmp_path)

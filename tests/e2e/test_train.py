@@ -71,13 +71,15 @@ FOLDER = ["data.name=image_folder", "data.root={folder}", "data.num_workers=2", 
           "data.extra.channels=1", "data.extra.mean=[0.286]", "data.extra.std=[0.353]"]
 
 
-@pytest.mark.parametrize("config, extra", [(TINY, []), (RIGL, ["method.delta_t=5"]), (TINY, FOLDER)],
+@pytest.mark.parametrize("config, extra", [(TINY, []), (RIGL, ["method.delta_t=5", "model.ema_decay=0.9"]),
+                                           (TINY, FOLDER)],
                          ids=["dense", "rigl", "png_folder_2_workers"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, config, extra):
     """SIGKILL mid-run, resume: every later step's loss equals the uninterrupted run's (for RigL the
     replayed steps include a mask update, so masks, schedule and optimizer state must resume exactly;
     for the PNG folder, decoded and augmented by 2 worker processes, the data order and every
-    sample's augmentation must continue exactly)."""
+    sample's augmentation must continue exactly). The RigL run keeps a weight EMA: its evaluation and
+    export continue exactly too, and the exported average is as sparse as the model (same zeros)."""
     if "data.root={folder}" in extra:
         from tests.unit.test_pipeline import write_fmnist_folder
 
@@ -111,6 +113,16 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, config, extra):
     ref_end = [r for r in read_metrics(str(tmp_path / "ref")) if r["event"] == "end"][0]
     assert ends[-1]["val_acc"] == ref_end["val_acc"]
     assert ends[-1]["nonzero_params"] == ref_end["nonzero_params"]
+    if "model.ema_decay=0.9" in extra:
+        from safetensors.torch import load_file
+
+        assert ends[-1]["ema_val_loss"] == ref_end["ema_val_loss"] != ref_end["val_loss"]
+        ema, ema_ref = load_file(str(run_dir / "model_ema.safetensors")), load_file(str(tmp_path / "ref" / "model_ema.safetensors"))
+        live = load_file(str(run_dir / "model.safetensors"))
+        for k in ema_ref:
+            assert torch.equal(ema[k], ema_ref[k]), k
+            if live[k].ndim > 1:  # masked weights: the average has exactly the model's zeros
+                assert torch.equal(ema[k] == 0, live[k] == 0), k
 
 
 KILL_IN_SAVE = r"""

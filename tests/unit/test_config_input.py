@@ -100,6 +100,8 @@ OVERRIDES = {
     "accum_zero": (["optim.grad_accum_steps=0"], "optim.grad_accum_steps"),
     "method_key_of_other_method": (["method.delta_t=5"], "method.delta_t"),  # dense has no delta_t
     "sparsity_text": (["method.name=rigl", "method.sparsity=high"], "method.sparsity"),
+    "ema_decay_one": (["model.ema_decay=1.0"], "model.ema_decay = 1.0 is not allowed; expected a number in [0, 1)"),
+    "ema_warmup_without_ema": (["model.ema_warmup=true"], "model.ema_warmup"),
 }
 
 

@@ -121,6 +121,11 @@ def layout(t: torch.Tensor) -> str:
     return "plain"
 
 
+def _zero3_gathered(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose full data is present now (persistent small parameters, or inside a gather)."""
+    return layout(p) == "zero3" and p.ds_numel > 0 and p.data.numel() == p.ds_numel
+
+
 def _zero3_span(p: torch.Tensor) -> tuple[int, int, Any]:
     """(start, length, group) of the valid flat elements of ZeRO-3 param ``p`` held by this rank."""
     part = p.ds_tensor.ds_numel if hasattr(p.ds_tensor, "ds_numel") else p.ds_tensor.numel()
@@ -847,8 +852,7 @@ def refresh_full_copies(module: torch.nn.Module) -> None:
     collective under ZeRO-3: every rank calls it. No-op for plain layouts.
     """
     reshard(module)
-    gathered = [p for p in module.parameters()
-                if layout(p) == "zero3" and p.ds_numel > 0 and p.data.numel() == p.ds_numel]
+    gathered = [p for p in module.parameters() if _zero3_gathered(p)]
     if gathered:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -1065,7 +1069,7 @@ def mul_param_(param: torch.Tensor, factor: torch.Tensor, master: bool = True) -
     with torch.no_grad():
         local = local_view(param)
         local.mul_(distribute_like(factor, param).to(device=local.device, dtype=local.dtype))
-        if layout(param) == "zero3" and param.ds_numel > 0 and param.data.numel() == param.ds_numel:
+        if _zero3_gathered(param):
             full = param.data
             full.mul_(factor.to(device=full.device, dtype=full.dtype).reshape(full.shape))
         if master:

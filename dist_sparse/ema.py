@@ -75,10 +75,10 @@ class WeightEMA:
     def reset(self, model: nn.Module) -> None:
         """Start the averages from ``model``'s current weights (first use and after a rebuild)."""
         D.reshard(model)
-        self.names = list(_tensors(model))
+        live = _tensors(model)
+        self.names = list(live)
         with torch.no_grad():
-            self.shadow = {n: D.local_view(t).detach().to(torch.float32, copy=True)
-                           for n, t in _tensors(model).items()}
+            self.shadow = {n: D.local_view(t).detach().to(torch.float32, copy=True) for n, t in live.items()}
 
     def _live(self, model: nn.Module) -> dict[str, torch.Tensor]:
         D.reshard(model)  # FSDP2 gathered by an evaluation forward: its parameters become the shards again

@@ -588,8 +588,11 @@ class Trainer:
                 ckpt.save_exported(final, os.path.join(self.run_dir, "model.safetensors"),
                                    export_metadata(self.cfg, self.data.info, self.method, self.step))
             if self.ema is not None:  # the averaged weights, finalized the same way (masks folded)
-                dist.broadcast_buffers(self.unwrapped)
-                full = dist.full_state_dict(self.unwrapped, fp32_master=True)  # non-float entries
+                # the average covers every floating tensor; the rest (step counters, extra state) is
+                # never sharded and is taken from this rank's module as it is
+                full = {dist.plain_name(k): v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                        for k, v in self.unwrapped.state_dict().items()
+                        if not (isinstance(v, torch.Tensor) and v.is_floating_point())}
                 full.update(self.ema.full_state(self.unwrapped))
                 averaged = self._finalize(full)
                 if self.acc.is_main_process:

@@ -9,6 +9,11 @@ the average over a whole update period, as RigL's cost claim is stated.
 
     python benchmarks/step_time.py --model resnet20 --method rigl --sparsity 0.8 --delta-t 100
     python benchmarks/step_time.py --model deit_micro --method rigl --img-size 28 --in-chans 1
+    python benchmarks/step_time.py --model resnet20 --config configs/tiny_resnet20_autosparse.yaml
+
+``--config`` takes the method section (and the model name, unless ``--model`` is given) from a run's YAML,
+so a method is timed with exactly the settings it trains with; the steps of the timed run form one epoch
+(for AutoSparse: alpha is its epoch-0 value, the costlier case of a non-zero Gradient Annealing scale).
 
 Prints a table and one JSON line (``--json``) with the medians and the ratio.
 """
@@ -23,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dist_sparse.config import config_from_dict
+from dist_sparse.config import config_from_dict, config_to_dict, load_config
 from dist_sparse.driver import Driver, PlainLoop
 from dist_sparse.methods import create_method
 from dist_sparse.methods.base import OptimizerInfo, RunContext
@@ -39,7 +44,9 @@ def build(args, method_name: str, example) -> Driver:
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=10, in_chans=args.in_chans, img_size=args.img_size)
     mdict = {"name": method_name}
-    if method_name != "dense":
+    if method_name != "dense" and args.method_section is not None:
+        mdict = dict(args.method_section)
+    elif method_name != "dense":
         mdict.update(sparsity=args.sparsity, delta_t=args.delta_t, t_end=1.0)
     cfg = config_from_dict({"model": {"name": args.model}, "method": mdict})
     total = args.rounds * args.delta_t * 2 + 10
@@ -88,8 +95,9 @@ def run_block(driver: Driver, batches, n: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--method", default="rigl")
+    p.add_argument("--model", default=None, help="model name (default: the config's, else resnet20)")
+    p.add_argument("--method", default=None, help="method name (default: the config's, else rigl)")
+    p.add_argument("--config", default=None, help="take the method section (and model name) from this YAML")
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--delta-t", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
@@ -101,6 +109,17 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    args.method_section = None
+    if args.config:
+        cfg = config_to_dict(load_config(args.config))
+        args.method_section = {k: v for k, v in cfg["method"].items() if v is not None}
+        if args.method is not None and args.method != args.method_section["name"]:
+            p.error(f"--method {args.method} differs from the config's method.name "
+                    f"{args.method_section['name']!r}; give one of them")
+        args.method = args.method_section["name"]
+        args.model = args.model or cfg["model"]["name"]
+    args.method = args.method or "rigl"
+    args.model = args.model or "resnet20"
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = make_batches(args)
@@ -118,7 +137,7 @@ def main(argv=None) -> int:
     other = statistics.median(times[args.method])
     ratio = other / dense
     print(f"model={args.model} batch={args.batch} threads={torch.get_num_threads()} delta_t={args.delta_t} "
-          f"rounds={args.rounds} sparsity={args.sparsity}")
+          f"rounds={args.rounds} " + (f"config={args.config}" if args.config else f"sparsity={args.sparsity}"))
     print(f"| run | median ms/step (over {args.delta_t}-step blocks) |")
     print("|---|---|")
     print(f"| dense | {1000 * dense:.1f} |")

@@ -1195,14 +1195,35 @@ def add_grad_(param: torch.Tensor, full: torch.Tensor) -> None:
         lg.add_(distribute_like(full, param).to(device=lg.device, dtype=lg.dtype))
 
 
-_WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def plain_name(name: str) -> str:
-    """A parameter or buffer name without the tokens FSDP1, activation checkpointing and compile insert
-    (the names of the plain module's ``state_dict``)."""
-    for tok in _WRAPPER_TOKENS:
+def plain_name(name: str, strip_container: bool = False) -> str:
+    """A parameter, buffer or module name without the tokens FSDP1, activation checkpointing and compile
+    insert (the names of the plain module's ``state_dict``).
+
+    Args:
+        name: a name from ``named_parameters()`` / ``named_modules()`` of a possibly wrapped model.
+        strip_container: also drop a leading ``module.`` (the DDP / DeepSpeed engine container), for names
+            taken from the container itself.
+
+    Returns:
+        e.g. ``"module._orig_mod.layer1.0.conv1"`` -> ``"module.layer1.0.conv1"``, or ``"layer1.0.conv1"``
+        with ``strip_container``. A wrapper module's own name (``"_orig_mod"``, ``"a._orig_mod"``) loses the
+        token as well.
+    """
+    for tok in WRAPPER_TOKENS:
         name = name.replace(tok, "")
+    for tok in WRAPPER_TOKENS:  # a wrapper module's own name ends with the token, without the dot
+        if name == tok[:-1]:
+            name = ""
+        elif name.endswith("." + tok[:-1]):
+            name = name[: -len(tok)]
+    if strip_container:
+        if name.startswith("module."):
+            name = name[len("module."):]
+        elif name == "module":
+            name = ""
     return name
 
 

@@ -33,33 +33,16 @@ __all__ = ["WRAPPER_TOKENS", "clean_name", "layer_kind", "count_parameters", "La
            "global_sparsity", "global_density", "iter_weight_layers", "stable_rank", "stable_ranks",
            "sharded_sigma_max"]
 
-WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+WRAPPER_TOKENS = D.WRAPPER_TOKENS
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def clean_name(name: str) -> str:
-    """A module / parameter FQN without wrapper tokens and without a leading ``module.``.
-
-    Args:
-        name: a name from ``model.named_modules()`` / ``named_parameters()`` of a possibly wrapped model.
-
-    Returns:
-        the name as in the plain model, e.g. ``"module._orig_mod.layer1.0.conv1"`` -> ``"layer1.0.conv1"``.
-    """
-    for tok in WRAPPER_TOKENS:
-        name = name.replace(tok, "")
-    # Wrappers that sit at the root end with the token itself (no trailing dot left to match above).
-    for tok in WRAPPER_TOKENS:
-        if name == tok[:-1]:
-            name = ""
-        elif name.endswith("." + tok[:-1]):
-            name = name[: -len(tok)]
-    if name.startswith("module."):
-        name = name[len("module."):]
-    elif name == "module":
-        name = ""
-    return name
+    """A module / parameter FQN without wrapper tokens and without a leading ``module.``
+    (``distributed.plain_name`` with the container stripped), e.g.
+    ``"module._orig_mod.layer1.0.conv1"`` -> ``"layer1.0.conv1"``."""
+    return D.plain_name(name, strip_container=True)
 
 
 def layer_kind(module: nn.Module) -> str | None:

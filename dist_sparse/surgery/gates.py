@@ -35,7 +35,7 @@ from torch import nn
 
 from ..models.resnet import BasicBlock, Bottleneck
 
-__all__ = ["STE", "ste", "GateHead", "GatedBlock", "insert_gates", "gated_blocks", "residual_blocks",
+__all__ = ["STE", "ste", "GateHead", "GatedBlock", "gated_width", "insert_gates", "gated_blocks", "residual_blocks",
            "gate_param_count", "set_static_masks"]
 
 Gating = Literal["layer", "channel"]
@@ -104,6 +104,19 @@ class GateHead(nn.Module):
         return ste(self.logits(x))
 
 
+def gated_width(block: nn.Module, gating: str, position: str) -> int:
+    """Number of gates on a BasicBlock/Bottleneck (plain or gated): 1 for layer gating; for channel gating
+    the width of the gated tensor: the block input (``before``), the first conv's output (``middle``) or
+    the last conv's output (``after``)."""
+    if gating == "layer":
+        return 1
+    if position == "before":
+        return block.conv1.in_channels
+    if position == "middle":
+        return block.conv1.out_channels
+    return (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
+
+
 class GatedBlock(nn.Module):
     """A BasicBlock or Bottleneck with a gate head; same child names as the block plus ``gate``.
 
@@ -133,13 +146,7 @@ class GatedBlock(nn.Module):
     # -- the branch --------------------------------------------------------------------------------
     def gated_width(self) -> int:
         """Number of gates of this block."""
-        if self.gating == "layer":
-            return 1
-        if self.position == "before":
-            return self.conv1.in_channels
-        if self.position == "middle":
-            return self.conv1.out_channels
-        return self.last_conv().out_channels
+        return gated_width(self, self.gating, self.position)
 
     def last_conv(self) -> nn.Conv2d:
         return self.conv3 if self.bottleneck else self.conv2
@@ -198,14 +205,7 @@ def insert_gates(model: nn.Module, gating: Gating = "layer", position: Position 
     if not blocks:
         raise ValueError("the model has no ResNet BasicBlock/Bottleneck to gate")
     for i, (name, block) in enumerate(blocks):
-        if gating == "layer":
-            n_out = 1
-        elif position == "before":
-            n_out = block.conv1.in_channels
-        elif position == "middle":
-            n_out = block.conv1.out_channels
-        else:
-            n_out = (block.conv3 if isinstance(block, Bottleneck) else block.conv2).out_channels
+        n_out = gated_width(block, gating, position)
         gen = torch.Generator().manual_seed(int(seed) * 1000003 + i)
         head = GateHead(block.conv1.in_channels, n_out, depth, hidden, init_bias, init_std, gen)
         w = block.conv1.weight

@@ -1,0 +1,88 @@
+"""A mean +- std table over seeds from finished run directories (the final ``end`` and ``epoch`` records of
+each run's ``metrics.jsonl``).
+
+    python benchmarks/seed_table.py --runs runs dense='tab_dense_s*' autosparse='tab_autosparse_s*'
+
+Each ``label=glob`` is one row; the glob selects that row's run directories (one per seed) under ``--runs``.
+Columns: final test top-1, sparsity of the method's sparse layers, non-zero parameters, training and test
+FLOPs as fractions of dense (where the method logs them), and training time. The std is the sample standard
+deviation (n - 1). ``--json`` adds one JSON line per row with the per-seed values.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+
+
+def read_run(path: str) -> dict:
+    """The numbers of one finished run; raises if it did not finish."""
+    end, last_epoch = None, None
+    with open(os.path.join(path, "metrics.jsonl")) as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec.get("event") == "end":
+                end = rec
+            elif rec.get("event") == "epoch":
+                last_epoch = rec
+    if end is None:
+        raise ValueError(f"{path}: no 'end' record in metrics.jsonl (the run did not finish)")
+    method = (last_epoch or {}).get("method") or {}
+    if not isinstance(method, dict):
+        method = {}
+    out = {"run": os.path.basename(path), "acc": 100 * end["val_acc"], "nonzero": end["nonzero_params"],
+           "params": end["params"], "time_s": end.get("time_s"),
+           "test_f": method.get("flops/test_fraction", end.get("flops/forward_fraction")),
+           "train_f": method.get("flops/train_fraction")}
+    sp = method.get("sparsity/global")
+    if sp is None:  # masked methods: the sparsity over their sparse tensors
+        sp = method.get("sparsity")
+    out["sparsity"] = None if sp is None else 100 * sp
+    return out
+
+
+def _ms(values: list, fmt: str) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    return f"{fmt.format(statistics.mean(vals))} +- {fmt.format(statistics.stdev(vals))}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default="runs", help="parent directory of the run directories")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("rows", nargs="+", help="label=glob, one per row")
+    args = p.parse_args(argv)
+    table = []
+    for spec in args.rows:
+        if "=" not in spec:
+            p.error(f"row {spec!r}: expected label=glob")
+        label, pattern = spec.split("=", 1)
+        paths = sorted(d for d in glob.glob(os.path.join(args.runs, pattern)) if os.path.isdir(d))
+        if not paths:
+            p.error(f"row {label!r}: no run directory matches {os.path.join(args.runs, pattern)!r}")
+        table.append((label, [read_run(d) for d in paths]))
+    dense = next((runs for label, runs in table if label == "dense"), None)
+    dense_acc = statistics.mean(r["acc"] for r in dense) if dense else None
+    print("| run | seeds | test top-1 % | vs dense | sparsity % | non-zero params | Train F | Test F | time s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, runs in table:
+        acc = [r["acc"] for r in runs]
+        delta = "-" if dense_acc is None or runs is dense else f"{statistics.mean(acc) - dense_acc:+.2f}"
+        print(f"| {label} | {len(runs)} | {_ms(acc, '{:.2f}')} | {delta} | {_ms([r['sparsity'] for r in runs], '{:.1f}')} "
+              f"| {_ms([r['nonzero'] for r in runs], '{:,.0f}')} | {_ms([r['train_f'] for r in runs], '{:.3f}')} "
+              f"| {_ms([r['test_f'] for r in runs], '{:.3f}')} | {_ms([r['time_s'] for r in runs], '{:.0f}')} |")
+    if args.json:
+        for label, runs in table:
+            print(json.dumps({"row": label, "runs": runs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,6 +37,8 @@ def read_run(path: str) -> dict:
            "params": end["params"], "time_s": end.get("time_s"),
            "test_f": method.get("flops/test_fraction", end.get("flops/forward_fraction")),
            "train_f": method.get("flops/train_fraction")}
+    if end.get("method") == "dense":
+        out["train_f"] = out["test_f"] = 1.0
     sp = method.get("sparsity/global")
     if sp is None:  # masked methods: the sparsity over their sparse tensors
         sp = method.get("sparsity")
@@ -67,8 +69,15 @@ def main(argv=None) -> int:
         paths = sorted(d for d in glob.glob(os.path.join(args.runs, pattern)) if os.path.isdir(d))
         if not paths:
             p.error(f"row {label!r}: no run directory matches {os.path.join(args.runs, pattern)!r}")
-        table.append((label, [read_run(d) for d in paths]))
-    dense = next((runs for label, runs in table if label == "dense"), None)
+        runs = []
+        for d in paths:
+            try:
+                runs.append(read_run(d))
+            except (OSError, ValueError) as err:  # still running or failed: left out, said on stderr
+                print(f"(left out: {err})", file=sys.stderr)
+        if runs:
+            table.append((label, runs))
+    dense = next((runs for label, runs in table if label == "dense"), None)  # the row called "dense"
     dense_acc = statistics.mean(r["acc"] for r in dense) if dense else None
     print("| run | seeds | test top-1 % | vs dense | sparsity % | non-zero params | Train F | Test F | time s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,45 @@
+"""benchmarks/seed_table.py: mean +- sample std over seeds, vs dense, unfinished runs left out."""
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("seed_table", os.path.join(ROOT, "benchmarks", "seed_table.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(root, name, acc, nonzero, method="autosparse", sparsity=None, finished=True):
+    d = root / name
+    d.mkdir()
+    recs = [{"event": "start", "params": 1000}]
+    m = {"flops/train_fraction": 0.4, "flops/test_fraction": 0.2}
+    if sparsity is not None:
+        m["sparsity/global"] = sparsity
+    recs.append({"event": "epoch", "epoch": 0, "method": m if method != "dense" else {}})
+    if finished:
+        recs.append({"event": "end", "method": method, "val_acc": acc, "nonzero_params": nonzero, "params": 1000,
+                     "time_s": 10.0, "flops/forward_fraction": 0.25 if method != "dense" else 1.0})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_mean_std_and_delta(tmp_path, capsys):
+    _run(tmp_path, "d_s0", 0.90, 1000, method="dense")
+    _run(tmp_path, "d_s1", 0.92, 1000, method="dense")
+    _run(tmp_path, "a_s0", 0.89, 200, sparsity=0.8)
+    _run(tmp_path, "a_s1", 0.91, 300, sparsity=0.7)
+    _run(tmp_path, "a_s2", 0.5, 300, sparsity=0.7, finished=False)
+    mod = _load()
+    assert mod.main(["--runs", str(tmp_path), "dense=d_s*", "auto=a_s*"]) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()[2:]}
+    # dense: 91.00 +- 1.41 (sample std of 90, 92); Train F and Test F of dense are 1
+    assert rows["dense"][:2] == ["2", "91.00 +- 1.41"] and rows["dense"][5:7] == ["1.000 +- 0.000", "1.000 +- 0.000"]
+    # auto: the unfinished seed is left out; 90.00 +- 1.41, -1.00 vs dense, sparsity 75.0 +- 7.1
+    assert rows["auto"][:4] == ["2", "90.00 +- 1.41", "-1.00", "75.0 +- 7.1"]
+    assert rows["auto"][4] == "250 +- 71" and rows["auto"][5] == "0.400 +- 0.000" and rows["auto"][6] == "0.200 +- 0.000"
+    assert "a_s2" in err and "did not finish" in err

@@ -145,8 +145,8 @@ def cuttlefish_config(path: str):
 
 def ratio_ranks(model: nn.Module, method, ratio: float) -> tuple[dict[str, int], list[str]]:
     """``({layer: ceil(ratio * full rank)}, candidates)``: the candidates are the method's own selection
-    (``Cuttlefish._select``); a candidate is factorized only where that saves parameters."""
-    candidates = method._select(model)
+    (``Cuttlefish.select_layers``); a candidate is factorized only where that saves parameters."""
+    candidates = method.select_layers(model)
     mods = dict(model.named_modules())
     ranks = {}
     for name in candidates:

@@ -344,7 +344,10 @@ class Cuttlefish(Method):
         return out
 
     # -- candidates and the first measurement ---------------------------------------------------
-    def _select(self, model: nn.Module) -> list[str]:
+    def select_layers(self, model: nn.Module) -> list[str]:
+        """The Conv/Linear layers this config makes candidates for factorization (model order; the first
+        and last layer left out with ``keep_first_last``, ``include``/``exclude`` globs applied, grouped convs skipped).
+        Reads only the config and the model."""
         layers = [(n, m, w) for n, kind, m, w in iter_weight_layers(model) if kind in ("conv", "linear")]
         first_last = {layers[0][0], layers[-1][0]} if (self.cfg.keep_first_last and layers) else set()
         out = []
@@ -404,7 +407,7 @@ class Cuttlefish(Method):
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(model, optimizer)
         if self.candidates is None:
-            names = self._select(model)
+            names = self.select_layers(model)
             if self.cfg.profile:
                 self.dense_stack_layers, self.profile_times = self._profile(model, names)
                 names = [n for n in names if n not in self.dense_stack_layers]

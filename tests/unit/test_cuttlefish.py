@@ -415,7 +415,7 @@ def test_deit_config_factorizes_qkv_and_mlp():
     torch.manual_seed(0)
     model = create_model("deit_micro", num_classes=10, in_chans=1, img_size=28, patch_size=7)
     method = _config_method("configs/deit_small_cuttlefish.yaml")
-    names = method._select(model)
+    names = method.select_layers(model)
     assert names and all(n.endswith(("attn.qkv", "mlp.fc1", "mlp.fc2")) for n in names)
     assert not any(n.endswith("attn.proj") or n.startswith(("head", "patch_embed")) for n in names)
     method.ranks = {n: 4 for n in names}
@@ -431,7 +431,7 @@ def test_transformer_config_factorizes_attention_and_ffn():
 
     model = create_model("transformer_wmt_base", vocab_size=64, d_model=32, ffn_dim=64, heads=4)
     method = _config_method("configs/transformer_wmt_base_cuttlefish.yaml")
-    names = method._select(model)
+    names = method.select_layers(model)
     kinds = {n.rsplit(".", 1)[-1] for n in names}
     assert kinds == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
     assert any(".cross_attn." in n for n in names) and any("encoder." in n for n in names)
@@ -458,7 +458,7 @@ def test_profiling_in_the_method_keeps_a_prefix_dense():
     # stacks: stage 1 (6 equal convs); per later stage its strided first conv, then 5 equal convs
     assert len(method.profile_times) == 5
     assert set(method.dense_stack_layers).isdisjoint(method.candidates)
-    assert sorted(method.dense_stack_layers + method.candidates) == sorted(method._select(model))
+    assert sorted(method.dense_stack_layers + method.candidates) == sorted(method.select_layers(model))
     fresh = create_method(cfg)
     fresh.load_state_dict(method.state_dict())
     assert fresh.dense_stack_layers == method.dense_stack_layers

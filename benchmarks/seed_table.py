@@ -5,7 +5,8 @@ each run's ``metrics.jsonl``).
 
 Each ``label=glob`` is one row; the glob selects that row's run directories (one per seed) under ``--runs``.
 Columns: final test top-1, sparsity of the method's sparse layers, non-zero parameters, training and test
-FLOPs as fractions of dense (where the method logs them), and training time. The std is the sample standard
+FLOPs as fractions of dense (logged by the method; for RigL, SET, Static and GMP, which do not log training
+FLOPs, replayed from the run's config by ``masked_train_flops.py``), and training time. The std is the sample standard
 deviation (n - 1). ``--json`` adds one JSON line per row with the per-seed values.
 """
 from __future__ import annotations
@@ -43,7 +44,24 @@ def read_run(path: str) -> dict:
     if sp is None:  # masked methods: the sparsity over their sparse tensors
         sp = method.get("sparsity")
     out["sparsity"] = None if sp is None else 100 * sp
+    if out["train_f"] is None and os.path.isfile(os.path.join(path, "config.yaml")):
+        out["train_f"] = _masked_train_f(os.path.join(path, "config.yaml"), end)
     return out
+
+
+def _masked_train_f(config_path: str, end: dict) -> float | None:
+    """Train F of a mask-based method (RigL, SET, Static, GMP), replayed from the run's resolved config by
+    ``masked_train_flops.py`` (those methods do not log it; it depends on the schedule only)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import masked_train_flops
+    from dist_sparse.config import load_config
+
+    cfg = load_config(config_path)
+    try:
+        f = masked_train_flops.fractions(cfg, train_size=end["steps"] // cfg.run.epochs * cfg.data.batch_size)
+    except ValueError:  # not a mask-based method
+        return None
+    return f["train"]
 
 
 def _ms(values: list, fmt: str) -> str:

@@ -1,20 +1,11 @@
 """benchmarks/masked_train_flops.py against hand formulas (RigL: constant densities plus dense-gradient
 update steps; Static: Train F = Test F; GMP: dense before pruning, so Train F lies between Test F and 1)."""
-import importlib.util
 import os
 
 import pytest
 
 from dist_sparse.config import load_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _mod():
-    spec = importlib.util.spec_from_file_location("mtf", os.path.join(ROOT, "benchmarks", "masked_train_flops.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.conftest import ROOT, load_benchmark
 
 
 def _cfg(name, *over):
@@ -22,7 +13,7 @@ def _cfg(name, *over):
 
 
 def test_rigl_formula():
-    f = _mod().fractions(_cfg("rigl", "method.sparsity=0.85"), train_size=6400)  # 50 steps
+    f = load_benchmark("masked_train_flops").fractions(_cfg("rigl", "method.sparsity=0.85"), train_size=6400)  # 50 steps
     n, u, rho = f["steps"], f["dense_grad_steps"], f["test"]
     assert n == 50 and u == 1  # delta_t 100, t_end 0.75: only the update at step 0
     assert f["train"] == pytest.approx((3 * rho * (n - u) + u * (2 * rho + 1)) / (3 * n), rel=1e-12)
@@ -30,15 +21,15 @@ def test_rigl_formula():
 
 
 def test_static_train_equals_test():
-    f = _mod().fractions(_cfg("static"), train_size=6400)
+    f = load_benchmark("masked_train_flops").fractions(_cfg("static"), train_size=6400)
     assert f["dense_grad_steps"] == 0 and f["train"] == pytest.approx(f["test"], rel=1e-12)
 
 
 def test_gmp_between_final_and_dense():
-    f = _mod().fractions(_cfg("gmp", "method.sparsity=0.85"), train_size=12800)  # 100 steps, prune every 50
+    f = load_benchmark("masked_train_flops").fractions(_cfg("gmp", "method.sparsity=0.85"), train_size=12800)  # 100 steps, prune every 50
     assert f["test"] < f["train"] < 1.0
 
 
 def test_refuses_a_method_without_masks():
     with pytest.raises(ValueError, match="expected a mask-based method"):
-        _mod().fractions(_cfg("autosparse"), train_size=6400)
+        load_benchmark("masked_train_flops").fractions(_cfg("autosparse"), train_size=6400)

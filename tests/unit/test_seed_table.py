@@ -1,16 +1,7 @@
 """benchmarks/seed_table.py: mean +- sample std over seeds, vs dense, unfinished runs left out."""
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("seed_table", os.path.join(ROOT, "benchmarks", "seed_table.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.conftest import load_benchmark
 
 
 def _run(root, name, acc, nonzero, method="autosparse", sparsity=None, finished=True):
@@ -33,7 +24,7 @@ def test_mean_std_and_delta(tmp_path, capsys):
     _run(tmp_path, "a_s0", 0.89, 200, sparsity=0.8)
     _run(tmp_path, "a_s1", 0.91, 300, sparsity=0.7)
     _run(tmp_path, "a_s2", 0.5, 300, sparsity=0.7, finished=False)
-    mod = _load()
+    mod = load_benchmark("seed_table")
     assert mod.main(["--runs", str(tmp_path), "dense=d_s*", "auto=a_s*"]) == 0
     out, err = capsys.readouterr()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()[2:]}

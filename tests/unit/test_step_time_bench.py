@@ -1,24 +1,16 @@
 """benchmarks/step_time.py takes a method section from a run's YAML (tiny settings; checks output, not time)."""
-import importlib.util
 import json
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("step_time", os.path.join(ROOT, "benchmarks", "step_time.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.conftest import ROOT, load_benchmark
 
 
 @pytest.mark.parametrize("cfg,name", [("tiny_resnet20_autosparse.yaml", "autosparse"),
                                       ("tiny_resnet20_str.yaml", "str")])
 def test_config_method_is_timed(cfg, name, capsys):
-    mod = _load()
+    mod = load_benchmark("step_time")
     rc = mod.main(["--config", os.path.join(ROOT, "configs", cfg), "--batch", "4", "--pool", "2",
                    "--delta-t", "2", "--rounds", "1", "--img-size", "16", "--json"])
     assert rc == 0
@@ -30,7 +22,7 @@ def test_config_method_is_timed(cfg, name, capsys):
 
 
 def test_method_differing_from_config_is_refused(capsys):
-    mod = _load()
+    mod = load_benchmark("step_time")
     with pytest.raises(SystemExit):
         mod.main(["--config", os.path.join(ROOT, "configs", "tiny_resnet20_str.yaml"), "--method", "rigl"])
     assert "differs from the config's method.name 'str'" in capsys.readouterr().err

@@ -1,9 +1,7 @@
 """benchmarks/structured_speed.py times the models the real surgery builds (checks models and output, not time)."""
 import copy
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -13,8 +11,8 @@ from dist_sparse.metrics.flops import layer_forward_flops
 from dist_sparse.surgery import channels as C
 from dist_sparse.surgery import gates as G
 from dist_sparse.surgery import lowrank as LR
+from tests.conftest import load_benchmark
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--batch", "2", "--pool", "2", "--steps", "1", "--rounds", "1", "--warmup", "1", "--data", "random",
         "--threads", "1", "--json"]
 
@@ -30,11 +28,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("structured_speed", os.path.join(ROOT, "benchmarks",
-                                                                                 "structured_speed.py"))
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+    return load_benchmark("structured_speed")
 
 
 def _flops(model):

@@ -41,7 +41,7 @@ from ..surgery import channels as C
 from ..surgery import gates as G
 from .base import Method, MethodConfig, Rebuild, RunContext, register_method
 
-__all__ = ["PolarizationConfig", "Polarization", "polar_terms", "derive_consensus", "HIST_BINS"]
+__all__ = ["PolarizationConfig", "Polarization", "polar_terms", "weighted_act", "derive_consensus", "HIST_BINS"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class PolarizationConfig(MethodConfig):
     ramp_start: float = 0.3  # ramp: fraction of training where lambda_polar starts rising from 0
     ramp_end: float = 0.6  # ramp: fraction of training where lambda_polar reaches its value
     lambda_act: float = 0.0  # weight of R_act (initial value when the controller is on)
+    act_weighting: Literal["uniform", "params"] = "uniform"  # R_act: mean of layer means (paper) or parameter-weighted
     target_sparsity: float = -1.0  # controller target: fraction of prunable parameters removed (< 0: off)
     controller_eta: float = 0.5  # controller gain: lambda_act += eta * (target - achieved), clipped to [0, 1]
     controller_interval: int = 0  # optimizer steps between controller updates (0: once per epoch)
@@ -73,6 +74,8 @@ class PolarizationConfig(MethodConfig):
     finetune_epochs: int = 0  # 0: prune at the end of training; k: prune after epoch E-1-k, then fine-tune k epochs
 
     def validate(self) -> None:
+        check_range("method.act_weighting", self.act_weighting, self.act_weighting in ("uniform", "params"),
+                    "uniform (mean of layer means, the paper) or params (each gate by the parameters it removes)")
         check_range("method.gate_depth", self.gate_depth, self.gate_depth in (1, 2), "1 (1FC) or 2 (2FC)")
         check_range("method.gate_hidden", self.gate_hidden, self.gate_hidden >= 1, "an integer >= 1")
         check_range("method.gate_init_std", self.gate_init_std, self.gate_init_std >= 0, "a number >= 0")
@@ -106,6 +109,17 @@ def polar_terms(gbars: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     polar = torch.stack([((1 - g) * g).mean() for g in gbars]).mean()
     act = torch.stack([g.mean() for g in gbars]).mean()
     return polar, act
+
+
+def weighted_act(gbars: list[torch.Tensor], units: list[list[int]]) -> torch.Tensor:
+    """Parameter-weighted R_act: sum_lc p_lc gbar_lc / sum_lc p_lc, ``p_lc`` the parameters unit c of layer l removes.
+
+    In [0, 1] like the uniform R_act; its gradient on a gate is the share of the prunable parameters that
+    gate controls, so a parameter target is reached by closing the expensive units rather than the cheap ones.
+    """
+    w = [torch.tensor(u, dtype=torch.float32, device=g.device) for g, u in zip(gbars, units)]
+    total = float(sum(sum(u) for u in units))
+    return torch.stack([(wl * g).sum() for wl, g in zip(w, gbars)]).sum() / max(total, 1.0)
 
 
 def global_gate_means(gates: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -272,6 +286,8 @@ class Polarization(Method):
             b.last_gates = None
         gbars = global_gate_means(gates)
         polar, act = polar_terms(gbars)
+        if self.cfg.act_weighting == "params" and self._units:
+            act = weighted_act(gbars, self._units)
         flat = torch.cat([g.detach().double().cpu() for g in gbars])
         self._ep_gbar = flat.clone() if self._ep_gbar is None else self._ep_gbar + flat
         self._ep_polar += float(polar.detach())

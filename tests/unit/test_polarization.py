@@ -19,7 +19,7 @@ from dist_sparse.errors import ConfigError
 from dist_sparse.methods import create_method
 from dist_sparse.methods.base import RunContext
 from dist_sparse.methods.polarization import (Polarization, PolarizationConfig, derive_consensus, global_gate_means,
-                                              polar_terms)
+                                              polar_terms, weighted_act)
 from dist_sparse.metrics.flops import layer_forward_flops
 from dist_sparse.models import create_model
 from dist_sparse.surgery.channels import count_params, prune_resnet, unit_param_counts
@@ -55,6 +55,21 @@ def test_polar_gradient():
     polar_terms(g)[0].backward()
     got = [x.grad.item() for x in g]
     assert got == pytest.approx([0.0, 0.2, -1 / 3], abs=1e-6)
+
+
+def test_weighted_act_values_and_gradient():
+    # layer 0: one unit removing 10 parameters; layer 1: two units removing 30 each -> total 70
+    g = [T(0.5).requires_grad_(), T(1.0, 0.0).requires_grad_()]
+    act = weighted_act(g, [[10], [30, 30]])
+    assert abs(act.item() - (10 * 0.5 + 30 * 1.0 + 30 * 0.0) / 70) < 1e-7  # 0.5; the uniform form gives 0.5 too
+    act.backward()
+    assert g[0].grad.tolist() == pytest.approx([10 / 70]) and g[1].grad.tolist() == pytest.approx([30 / 70] * 2)
+    # differs from the uniform mean of layer means when the costs differ
+    g2 = [T(0.0), T(1.0, 1.0)]
+    assert abs(weighted_act(g2, [[10], [30, 30]]).item() - 60 / 70) < 1e-7
+    assert abs(polar_terms(g2)[1].item() - 0.5) < 1e-7
+    with pytest.raises(ConfigError, match="act_weighting"):
+        PolarizationConfig(act_weighting="flops").validate()
 
 
 def test_ste_forward_backward():

@@ -4,8 +4,9 @@ each run's ``metrics.jsonl``).
     python benchmarks/seed_table.py --runs runs dense='tab_dense_s*' autosparse='tab_autosparse_s*'
 
 Each ``label=glob`` is one row; the glob selects that row's run directories (one per seed) under ``--runs``.
-Columns: final test top-1, sparsity of the method's sparse layers, non-zero parameters, training and test
-FLOPs as fractions of dense (logged by the method; for RigL, SET, Static and GMP, which do not log training
+Columns: final test top-1, sparsity of the method's sparse layers (polarization: parameters removed), non-zero parameters, training and test
+FLOPs as fractions of dense (logged by the method; for polarization from the step of its physical pruning: dense
+before it, the pruned model after it; for RigL, SET, Static and GMP, which do not log training
 FLOPs, replayed from the run's config by ``masked_train_flops.py``), and training time. The std is the sample standard
 deviation (n - 1). ``--json`` adds one JSON line per row with the per-seed values.
 """
@@ -21,7 +22,7 @@ import sys
 
 def read_run(path: str) -> dict:
     """The numbers of one finished run; raises if it did not finish."""
-    end, last_epoch = None, None
+    end, last_epoch, rebuild_step = None, None, None
     with open(os.path.join(path, "metrics.jsonl")) as fh:
         for line in fh:
             rec = json.loads(line)
@@ -29,6 +30,8 @@ def read_run(path: str) -> dict:
                 end = rec
             elif rec.get("event") == "epoch":
                 last_epoch = rec
+            elif rec.get("event") == "rebuild" and rebuild_step is None:
+                rebuild_step = rec["step"]
     if end is None:
         raise ValueError(f"{path}: no 'end' record in metrics.jsonl (the run did not finish)")
     method = (last_epoch or {}).get("method") or {}
@@ -40,9 +43,15 @@ def read_run(path: str) -> dict:
            "train_f": method.get("flops/train_fraction")}
     if end.get("method") == "dense":
         out["train_f"] = out["test_f"] = 1.0
+    elif end.get("method") == "polarization" and out["test_f"] is not None and rebuild_step is not None:
+        # gated training computes every branch (dense, gate heads not counted); after the physical
+        # pruning each step costs the pruned model's share
+        out["train_f"] = (rebuild_step + (end["steps"] - rebuild_step) * out["test_f"]) / max(1, end["steps"])
     sp = method.get("sparsity/global")
     if sp is None:  # masked methods: the sparsity over their sparse tensors
         sp = method.get("sparsity")
+    if sp is None:  # polarization: the fraction of the parameters its physical pruning removed
+        sp = method.get("polar/prune_rate_params_physical")
     out["sparsity"] = None if sp is None else 100 * sp
     if out["train_f"] is None and os.path.isfile(os.path.join(path, "config.yaml")):
         out["train_f"] = _masked_train_f(os.path.join(path, "config.yaml"), end)

@@ -69,6 +69,8 @@ class PolarizationConfig(MethodConfig):
     target_sparsity: float = -1.0  # controller target: fraction of prunable parameters removed (< 0: off)
     controller_eta: float = 0.5  # controller gain: lambda_act += eta * (target - achieved), clipped to [0, 1]
     controller_interval: int = 0  # optimizer steps between controller updates (0: once per epoch)
+    controller_kp: float = 0.0  # proportional gain: lambda_act = integral + kp * (target - achieved) (0: integral only)
+    controller_floor: float = 0.0  # lowest lambda_act the controller sets (< 0: R_act may reward open gates)
     tau: float = 0.5  # consensus threshold: a unit is kept when its open fraction p >= tau
     calibration_batches: int = 16  # training batches (no augmentation) of the consensus pass
     finetune_epochs: int = 0  # 0: prune at the end of training; k: prune after epoch E-1-k, then fine-tune k epochs
@@ -87,6 +89,9 @@ class PolarizationConfig(MethodConfig):
         check_range("method.target_sparsity", self.target_sparsity,
                     self.target_sparsity < 0 or self.target_sparsity < 1, "a fraction in [0, 1), or < 0 (off)")
         check_range("method.controller_eta", self.controller_eta, self.controller_eta > 0, "a number > 0")
+        check_range("method.controller_kp", self.controller_kp, self.controller_kp >= 0, "a number >= 0 (0: off)")
+        check_range("method.controller_floor", self.controller_floor, -1 <= self.controller_floor <= 0,
+                    "a number in [-1, 0] (0: lambda_act stays in [0, 1] as in the paper)")
         check_range("method.controller_interval", self.controller_interval, self.controller_interval >= 0,
                     "an integer >= 0 (0: once per epoch)")
         check_range("method.tau", self.tau, 0 < self.tau <= 1, "a number in (0, 1]")
@@ -215,6 +220,9 @@ class Polarization(Method):
         super().__init__(cfg, seed=seed)
         self.step = 0  # optimizer steps taken
         self.lambda_act = float(cfg.lambda_act)  # current lambda_act (moved by the controller)
+        self._la_int = float(cfg.lambda_act)  # the controller's integral part
+        if cfg.target_sparsity >= 0 and cfg.controller_kp > 0:  # all gates start open: achieved rate 0
+            self.lambda_act = min(1.0, max(0.0, self._la_int + cfg.controller_kp * cfg.target_sparsity))
         self.pruned: Optional[dict[str, Any]] = None  # the pruning decision once the model is pruned
         self.consensus: dict[str, Any] = {}  # unification, agreement, ... of the decision
         self.history: list[dict[str, Any]] = []  # per epoch: open fraction per layer, R values, histogram
@@ -315,24 +323,32 @@ class Polarization(Method):
         if self.cfg.target_sparsity < 0 or self._ctl[0] is None:
             self._ctl = [None, 0]
             return
-        r = self.prune_rate(self._ctl[0] / self._ctl[1])
-        self.lambda_act = min(1.0, max(0.0, self.lambda_act + self.cfg.controller_eta * (self.cfg.target_sparsity - r)))
+        c = self.cfg
+        err = c.target_sparsity - self.prune_rate(self._ctl[0] / self._ctl[1])
+        self._la_int = min(1.0, max(c.controller_floor, self._la_int + c.controller_eta * err))
+        self.lambda_act = min(1.0, max(c.controller_floor, self._la_int + c.controller_kp * err))
         self._ctl = [None, 0]
 
     # -- epoch ends and the decision ---------------------------------------------------------------
-    def _close_epoch(self, epoch: int) -> None:
+    def _epoch_summary(self, epoch: int) -> Optional[dict[str, Any]]:
+        """The statistics of the epoch so far (None before its first step)."""
         if self._ep_gbar is None:
-            return
+            return None
         gbar = self._ep_gbar / self._ep_n
         per_layer, off = {}, 0
         for name, units in zip(self._layer_names, self._units or []):
             per_layer[name] = float(gbar[off:off + len(units)].mean())
             off += len(units)
         hist = torch.histc(gbar.float(), bins=HIST_BINS, min=0.0, max=1.0)
-        self.history.append({"epoch": int(epoch), "open": per_layer, "R_polar": self._ep_polar / self._ep_n,
-                             "R_act": self._ep_act / self._ep_n, "hist": [int(h) for h in hist],
-                             "prune_rate": self.prune_rate(gbar), "lambda_act": self.lambda_act,
-                             "lambda_polar": self.lambda_polar()})
+        return {"epoch": int(epoch), "open": per_layer, "R_polar": self._ep_polar / self._ep_n,
+                "R_act": self._ep_act / self._ep_n, "hist": [int(h) for h in hist],
+                "prune_rate": self.prune_rate(gbar), "lambda_act": self.lambda_act,
+                "lambda_polar": self.lambda_polar()}
+
+    def _close_epoch(self, epoch: int) -> None:
+        h = self._epoch_summary(epoch)
+        if h is not None:
+            self.history.append(h)
         self._reset_epoch()
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, Any] | None = None) -> Rebuild | None:
@@ -424,8 +440,9 @@ class Polarization(Method):
         if self.ctx is not None:
             out["polar/lambda_polar"] = self.lambda_polar()
         out.update({f"polar/{k}": v for k, v in self._last.items()})
-        if self.history:
-            h = self.history[-1]
+        # The trainer logs an epoch before on_epoch_end closes it: report the running epoch when it has steps.
+        h = self._epoch_summary(len(self.history)) or (self.history[-1] if self.history else None)
+        if h is not None:
             out["polar/prune_rate_params"] = h["prune_rate"]
             out["polar/open_fraction"] = sum(h["open"].values()) / max(1, len(h["open"]))
             out.update({f"polar/open/{k}": v for k, v in h["open"].items()})
@@ -448,12 +465,23 @@ class Polarization(Method):
             return []
         paths = []
         epochs = [h["epoch"] for h in self.history]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        hist = torch.tensor([h["hist"] for h in self.history], dtype=torch.float64)
-        ax.imshow(hist.T.numpy(), aspect="auto", origin="lower", extent=(epochs[0] - 0.5, epochs[-1] + 0.5, 0, 1))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("mean gate value (over samples)")
-        ax.set_title("histogram of mean gate values per epoch")
+        # one histogram per epoch (at most 6, the last always shown), counts on a log scale
+        pick = sorted({round(i * (len(self.history) - 1) / 5) for i in range(6)}) if len(self.history) > 6 \
+            else list(range(len(self.history)))
+        fig, axes = plt.subplots(1, len(pick), figsize=(2.4 * len(pick) + 0.6, 2.8), sharey=True, squeeze=False)
+        edges = [i / HIST_BINS for i in range(HIST_BINS + 1)]
+        for ax, i in zip(axes[0], pick):
+            h = self.history[i]["hist"]
+            ax.bar(edges[:-1], [max(c, 0) for c in h], width=1 / HIST_BINS, align="edge", color="tab:blue",
+                   edgecolor="white")
+            ax.set_yscale("symlog", linthresh=1)
+            ax.set_xlim(0, 1)
+            ax.set_title(f"epoch {self.history[i]['epoch']}", fontsize=9)
+            ax.set_xlabel("mean gate value")
+        axes[0][0].set_ylabel("gates")
+        fig.suptitle(f"gates by mean value over samples and steps ({sum(self.history[-1]['hist'])} gates)",
+                     fontsize=10)
+        fig.tight_layout()
         p = os.path.join(run_dir, "polarization_gate_hist.png")
         fig.savefig(p, dpi=100, bbox_inches="tight")
         plt.close(fig)
@@ -475,7 +503,8 @@ class Polarization(Method):
 
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "step": self.step, "lambda_act": self.lambda_act, "pruned": self.pruned,
+        return {**super().state_dict(), "step": self.step, "lambda_act": self.lambda_act,
+                "lambda_act_integral": self._la_int, "pruned": self.pruned,
                 "consensus": dict(self.consensus), "history": list(self.history),
                 "ep_gbar": self._ep_gbar, "ep_polar": self._ep_polar, "ep_act": self._ep_act, "ep_n": self._ep_n,
                 "ctl_sum": self._ctl[0], "ctl_n": self._ctl[1]}
@@ -484,6 +513,7 @@ class Polarization(Method):
         super().load_state_dict(state)
         self.step = int(state["step"])
         self.lambda_act = float(state["lambda_act"])
+        self._la_int = float(state.get("lambda_act_integral", self.lambda_act))
         self.pruned = state["pruned"]
         self.consensus = dict(state["consensus"])
         self.history = list(state["history"])

@@ -196,7 +196,10 @@ def test_polarization_two_ranks(tmp_path):
 COMMON = ["--config", os.path.join(ROOT, "configs", "tiny_resnet20_polarization.yaml"), "data.train_subset=256",
           "data.val_subset=128", "data.batch_size=64", "logging.progress_bar=false", "logging.log_every_steps=0",
           "run.channels_last=false", "run.epochs=3", "method.finetune_epochs=1", "method.calibration_batches=2",
-          "checkpoint.keep_last=3", "logging.plots=false", "optim.lr=0.02"]
+          "checkpoint.keep_last=3", "logging.plots=false", "optim.lr=0.02",
+          # the plumbing settings of this check, independent of the config's tuned controller
+          "method.polar_schedule=constant", "method.lambda_polar=1.0", "method.lambda_act=0.3",
+          "method.target_sparsity=-1", "method.act_weighting=uniform"]
 
 
 def _launch(backend: str, out: str, nproc: int, extra: list[str]) -> None:

@@ -279,8 +279,8 @@ def _toy_batch(i: int, n: int = 64):
 
 
 def _toy_run(lambda_polar: float, lambda_act: float, steps: int = 30, **kw):
-    cfg = PolarizationConfig(lambda_polar=lambda_polar, lambda_act=lambda_act, gate_init_bias=0.0, gate_init_std=1.0,
-                             gate_depth=1, **kw)
+    kw = {"gate_init_bias": 0.0, "gate_init_std": 1.0, "gate_depth": 1, **kw}
+    cfg = PolarizationConfig(lambda_polar=lambda_polar, lambda_act=lambda_act, **kw)
     method = Polarization(cfg, seed=0)
     method.setup(RunContext(total_steps=steps, steps_per_epoch=steps))
     with torch.random.fork_rng(devices=[]):
@@ -309,6 +309,47 @@ def test_toy_task_polarizes():
     assert float(((1 - p0) * p0).mean()) > float(((1 - p) * p).mean())  # the term does something
     _, res5, _ = _toy_run(3.0, 0.5)
     assert sum(len(v) for v in res5["keep"].values()) < len(res5["keep"])  # at least one gate closed
+
+
+_OPEN = dict(gating="channel", position="middle", gate_init_bias=0.5, gate_init_std=0.01, gate_depth=2,
+             polar_schedule="ramp", ramp_start=0.5, ramp_end=0.8)  # every gate starts open; polarize late
+
+
+def test_rate_is_monotone_in_lambda_act():
+    # 5.6(a): the Eq. 11 rate on the eval set does not decrease with lambda_act (1 point of noise allowed)
+    torch.set_num_threads(1)
+    rates = [100 * m.prune_rate(p) for m, _, p in (_toy_run(3.0, la, steps=150, **_OPEN) for la in (0, 0.25, 0.5, 1))]
+    assert all(b >= a - 1 for a, b in zip(rates, rates[1:])), rates
+    assert rates[0] < 1 and rates[-1] > 50, rates  # lambda_act 0 keeps every gate, 1 closes most
+
+
+def test_controller_law_by_hand():
+    cfg = PolarizationConfig(target_sparsity=0.5, controller_eta=0.1, controller_kp=2.0, controller_floor=-1.0,
+                             controller_interval=1, lambda_act=0.2)
+    m = Polarization(cfg)
+    assert m.lambda_act == pytest.approx(1.0)  # 0.2 + 2 * (0.5 - 0), clipped to 1: all gates start open
+    m._units, m._total_params = [[30], [10, 10]], 100
+    m._ctl = [torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), 1]  # rate 0.3
+    m._control()
+    assert m._la_int == pytest.approx(0.22) and m.lambda_act == pytest.approx(0.22 + 2 * 0.2)
+    m._ctl = [torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64) * 2, 2]  # rate 0.5 + ... all closed: 0.5
+    m._control()
+    assert m.lambda_act == pytest.approx(0.22)  # on target: the integral alone
+    m._ctl = [torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64), 1]
+    m._units = [[60], [20, 20]]  # rate 1.0: error -0.5
+    m._control()
+    assert m._la_int == pytest.approx(0.17) and m.lambda_act == pytest.approx(-0.83)  # below 0 with the floor at -1
+    with pytest.raises(ConfigError, match="controller_floor"):
+        PolarizationConfig(controller_floor=-2).validate()
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_controller_reaches_the_target_band(target):
+    # 5.6(b): with the controller the Eq. 11 rate on the eval set ends within +-3 points of the target
+    torch.set_num_threads(1)
+    m, res, p = _toy_run(3.0, 0.0, steps=150, target_sparsity=target, controller_interval=1, controller_eta=0.01,
+                         controller_kp=8.0, controller_floor=-1.0, act_weighting="params", **_OPEN)
+    assert abs(m.prune_rate(p) - target) <= 0.03 and res["unification"] >= 0.95
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,3 +34,17 @@ def test_mean_std_and_delta(tmp_path, capsys):
     assert rows["auto"][:4] == ["2", "90.00 +- 1.41", "-1.00", "75.0 +- 7.1"]
     assert rows["auto"][4] == "250 +- 71" and rows["auto"][5] == "0.400 +- 0.000" and rows["auto"][6] == "0.200 +- 0.000"
     assert "a_s2" in err and "did not finish" in err
+
+
+def test_polarization_rows(tmp_path):
+    # polarization: sparsity = parameters removed physically; Train F dense until the pruning step, then Test F
+    d = tmp_path / "p_s0"
+    d.mkdir()
+    recs = [{"event": "epoch", "epoch": 0, "method": {"polar/prune_rate_params_physical": 0.5}},
+            {"event": "rebuild", "step": 60, "epoch": 0},
+            {"event": "end", "method": "polarization", "val_acc": 0.9, "nonzero_params": 500, "params": 500,
+             "time_s": 1.0, "steps": 100, "flops/forward_fraction": 0.5}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run = load_benchmark("seed_table").read_run(str(d))
+    assert run["sparsity"] == 50.0 and run["test_f"] == 0.5
+    assert abs(run["train_f"] - (60 + 40 * 0.5) / 100) < 1e-12

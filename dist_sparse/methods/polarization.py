@@ -465,7 +465,7 @@ class Polarization(Method):
             return []
         paths = []
         epochs = [h["epoch"] for h in self.history]
-        # one histogram per epoch (at most 6, the last always shown), counts on a log scale
+        # one histogram per epoch (at most 6, the last always shown)
         pick = sorted({round(i * (len(self.history) - 1) / 5) for i in range(6)}) if len(self.history) > 6 \
             else list(range(len(self.history)))
         fig, axes = plt.subplots(1, len(pick), figsize=(2.4 * len(pick) + 0.6, 2.8), sharey=True, squeeze=False)
@@ -474,7 +474,8 @@ class Polarization(Method):
             h = self.history[i]["hist"]
             ax.bar(edges[:-1], [max(c, 0) for c in h], width=1 / HIST_BINS, align="edge", color="tab:blue",
                    edgecolor="white")
-            ax.set_yscale("symlog", linthresh=1)
+            if sum(h) > 50:  # many gates: log counts, so that the few undecided ones stay visible
+                ax.set_yscale("symlog", linthresh=1)
             ax.set_xlim(0, 1)
             ax.set_title(f"epoch {self.history[i]['epoch']}", fontsize=9)
             ax.set_xlabel("mean gate value")

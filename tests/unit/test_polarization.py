@@ -339,6 +339,9 @@ def test_controller_law_by_hand():
     m._units = [[60], [20, 20]]  # rate 1.0: error -0.5
     m._control()
     assert m._la_int == pytest.approx(0.17) and m.lambda_act == pytest.approx(-0.83)  # below 0 with the floor at -1
+    resumed = Polarization(cfg)
+    resumed.load_state_dict(m.state_dict())
+    assert (resumed._la_int, resumed.lambda_act) == (m._la_int, m.lambda_act)  # the integral is checkpointed
     with pytest.raises(ConfigError, match="controller_floor"):
         PolarizationConfig(controller_floor=-2).validate()
 

@@ -67,7 +67,7 @@ class PolarizationConfig(MethodConfig):
     lambda_act: float = 0.0  # weight of R_act (initial value when the controller is on)
     act_weighting: Literal["uniform", "params"] = "uniform"  # R_act: mean of layer means (paper) or parameter-weighted
     target_sparsity: float = -1.0  # controller target: fraction of prunable parameters removed (< 0: off)
-    controller_eta: float = 0.5  # controller gain: lambda_act += eta * (target - achieved), clipped to [0, 1]
+    controller_eta: float = 0.5  # integral gain: integral += eta * (target - achieved), clipped to [floor, 1]
     controller_interval: int = 0  # optimizer steps between controller updates (0: once per epoch)
     controller_kp: float = 0.0  # proportional gain: lambda_act = integral + kp * (target - achieved) (0: integral only)
     controller_floor: float = 0.0  # lowest lambda_act the controller sets (< 0: R_act may reward open gates)

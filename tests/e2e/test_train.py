@@ -44,7 +44,8 @@ def test_one_vs_two_processes_same_global_batch(tmp_path):
     # float32 rounding differences of a 64 vs 2x32 batch (~3e-8 after one step) are not amplified.
     common = ["--config", TINY, "model.norm=gn", "model.extra.zero_init_residual=true", "run.max_steps=20",
               "run.epochs=1", "optim.lr=0.05",
-              "checkpoint.every_epoch=true", "run.deterministic=true", "data.batch_size=64", *SMALL]
+              "checkpoint.every_epoch=true", "run.deterministic=true", "data.batch_size=64",
+              "run.mixed_precision=no", *SMALL]  # fp32: "auto" is bf16 on CPUs with AVX512-BF16
     run_train(common + [f"run.output_dir={tmp_path}", "run.name=one"], nproc=1)
     p = run_train(common + [f"run.output_dir={tmp_path}", "run.name=two"], nproc=2)
     assert "processes=2" in p.stdout

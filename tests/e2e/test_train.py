@@ -184,7 +184,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     """2 micro-batches of 32 with grad_accum_steps=2 == one batch of 64 (GroupNorm: no batch statistics)."""
     common = ["--config", TINY, "model.norm=gn", "model.extra.zero_init_residual=true", "run.max_steps=6",
               "run.epochs=1", "optim.lr=0.05", "run.deterministic=true", "data.augment=false",
-              "checkpoint.every_epoch=false", f"run.output_dir={tmp_path}", *SMALL]
+              "checkpoint.every_epoch=false", f"run.output_dir={tmp_path}", "run.mixed_precision=no", *SMALL]
     run_train(common + ["run.name=big", "data.batch_size=64"])
     run_train(common + ["run.name=acc", "data.batch_size=32", "optim.grad_accum_steps=2"])
     from safetensors.torch import load_file

@@ -8,20 +8,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 seeds=("$@"); [ ${#seeds[@]} -eq 0 ] && seeds=(0 1 2)
-mkdir -p runs
+. benchmarks/table_runs.sh
 keep=benchmarks/results/autosparse_fmnist
 for seed in "${seeds[@]}"; do
   for m in autosparse dense str rigl gmp; do
-    name="tab_${m}_s${seed}"
-    [ -f "$keep/$name/metrics.jsonl" ] && grep -q '"event": "end"' "$keep/$name/metrics.jsonl" && continue
     extra=()
     case $m in rigl|gmp) extra=(method.sparsity=0.85);; esac
-    echo "[table] $(date -u +%T) $name"
-    bash launch/run.sh ddp --nproc 2 -- --config "configs/tiny_resnet20_${m}.yaml" run.seed="$seed" \
-      run.name="$name" "${extra[@]}" > "runs/$name.log" 2>&1 || { echo "[table] $name failed: runs/$name.log"; continue; }
-    mkdir -p "$keep/$name" && cp "runs/$name/metrics.jsonl" "runs/$name/config.yaml" "$keep/$name/"
+    record_run "$keep" "tab_${m}_s${seed}" "configs/tiny_resnet20_${m}.yaml" run.seed="$seed" "${extra[@]}"
   done
 done
-PY=python; [ -x .venv/bin/python ] && [ -z "${VIRTUAL_ENV:-}" ] && PY=.venv/bin/python
-PYTHONPATH=. "$PY" benchmarks/seed_table.py --runs "$keep" dense='tab_dense_s*' autosparse='tab_autosparse_s*' \
+PYTHONPATH=. "$(table_python)" benchmarks/seed_table.py --runs "$keep" dense='tab_dense_s*' autosparse='tab_autosparse_s*' \
   str='tab_str_s*' rigl_85='tab_rigl_s*' gmp_85='tab_gmp_s*'

@@ -9,20 +9,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 seeds=("$@"); [ ${#seeds[@]} -eq 0 ] && seeds=(0 1 2)
-mkdir -p runs
+. benchmarks/table_runs.sh
 keep=benchmarks/results/polarization_fmnist
 declare -A config=([layer]=configs/tiny_resnet20_polarization.yaml [channel]=configs/tiny_resnet20_polarization_channel.yaml)
 for seed in "${seeds[@]}"; do
   for v in layer channel; do
-    name="poltab_${v}_s${seed}"
-    [ -f "$keep/$name/metrics.jsonl" ] && grep -q '"event": "end"' "$keep/$name/metrics.jsonl" && continue
-    echo "[table] $(date -u +%T) $name"
-    bash launch/run.sh ddp --nproc 2 -- --config "${config[$v]}" run.seed="$seed" run.name="$name" \
-      > "runs/$name.log" 2>&1 || { echo "[table] $name failed: runs/$name.log"; continue; }
-    mkdir -p "$keep/$name" && cp "runs/$name/metrics.jsonl" "runs/$name/config.yaml" "$keep/$name/"
-    cp runs/$name/polarization_*.png "$keep/$name/" 2>/dev/null
+    record_run "$keep" "poltab_${v}_s${seed}" "${config[$v]}" run.seed="$seed"
   done
 done
-PY=python; [ -x .venv/bin/python ] && [ -z "${VIRTUAL_ENV:-}" ] && PY=.venv/bin/python
-PYTHONPATH=. "$PY" benchmarks/seed_table.py --runs "$keep" dense='../autosparse_fmnist/tab_dense_s*' layer='poltab_layer_s*' \
-  channel='poltab_channel_s*'
+PYTHONPATH=. "$(table_python)" benchmarks/seed_table.py --runs "$keep" dense='../autosparse_fmnist/tab_dense_s*' \
+  layer='poltab_layer_s*' channel='poltab_channel_s*'

@@ -4,9 +4,10 @@ each run's ``metrics.jsonl``).
     python benchmarks/seed_table.py --runs runs dense='tab_dense_s*' autosparse='tab_autosparse_s*'
 
 Each ``label=glob`` is one row; the glob selects that row's run directories (one per seed) under ``--runs``.
-Columns: final test top-1, sparsity of the method's sparse layers (polarization: parameters removed), non-zero parameters, training and test
-FLOPs as fractions of dense (logged by the method; for polarization from the step of its physical pruning: dense
-before it, the pruned model after it; for RigL, SET, Static and GMP, which do not log training
+Columns: final test top-1, sparsity of the method's sparse layers (polarization and cuttlefish: parameters
+removed from the whole model), the epochs trained before cuttlefish's switch, non-zero parameters, training and test
+FLOPs as fractions of dense (logged by the method; for polarization and cuttlefish from the step of the
+rebuild: dense before it, the pruned / low-rank model after it; for RigL, SET, Static and GMP, which do not log training
 FLOPs, replayed from the run's config by ``masked_train_flops.py``), and training time. The std is the sample standard
 deviation (n - 1). ``--json`` adds one JSON line per row with the per-seed values.
 """
@@ -22,12 +23,14 @@ import sys
 
 def read_run(path: str) -> dict:
     """The numbers of one finished run; raises if it did not finish."""
-    end, last_epoch, rebuild_step = None, None, None
+    end, last_epoch, rebuild_step, start_params = None, None, None, None
     with open(os.path.join(path, "metrics.jsonl")) as fh:
         for line in fh:
             rec = json.loads(line)
             if rec.get("event") == "end":
                 end = rec
+            elif rec.get("event") == "start":
+                start_params = rec.get("params")
             elif rec.get("event") == "epoch":
                 last_epoch = rec
             elif rec.get("event") == "rebuild" and rebuild_step is None:
@@ -43,16 +46,23 @@ def read_run(path: str) -> dict:
            "train_f": method.get("flops/train_fraction")}
     if end.get("method") == "dense":
         out["train_f"] = out["test_f"] = 1.0
-    elif end.get("method") == "polarization" and out["test_f"] is not None and rebuild_step is not None:
-        # gated training computes every branch (dense, gate heads not counted); after the physical
-        # pruning each step costs the pruned model's share
+    elif end.get("method") in ("polarization", "cuttlefish") and out["test_f"] is not None and rebuild_step is not None:
+        # polarization: gated training computes every branch (dense, gate heads not counted); after the
+        # physical pruning each step costs the pruned model's share. cuttlefish: full rank before the
+        # switch, the low-rank model's share after it
         out["train_f"] = (rebuild_step + (end["steps"] - rebuild_step) * out["test_f"]) / max(1, end["steps"])
     sp = method.get("sparsity/global")
     if sp is None:  # masked methods: the sparsity over their sparse tensors
         sp = method.get("sparsity")
     if sp is None:  # polarization: the fraction of the parameters its physical pruning removed
         sp = method.get("polar/prune_rate_params_physical")
+    if sp is None and end.get("method") == "cuttlefish" and method.get("switched"):
+        # cuttlefish: the fraction of the whole model's parameters the switch removed
+        sp = 1.0 - end["params"] / start_params if start_params else None
     out["sparsity"] = None if sp is None else 100 * sp
+    out["switch_epoch"] = method.get("switch_epoch")
+    if end.get("method") == "cuttlefish" and out["test_f"] is not None and rebuild_step is None:
+        out["train_f"] = out["test_f"]  # never switched: full rank throughout
     if out["train_f"] is None and os.path.isfile(os.path.join(path, "config.yaml")):
         out["train_f"] = _masked_train_f(os.path.join(path, "config.yaml"), end)
     return out
@@ -82,6 +92,12 @@ def _ms(values: list, fmt: str) -> str:
     return f"{fmt.format(statistics.mean(vals))} +- {fmt.format(statistics.stdev(vals))}"
 
 
+def _switch(runs: list) -> str:
+    """Cuttlefish's switch epochs per seed (full-rank epochs before it), '-' where none."""
+    vals = [r.get("switch_epoch") for r in runs]
+    return "-" if all(v is None for v in vals) else ", ".join("none" if v is None else str(v) for v in vals)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="runs", help="parent directory of the run directories")
@@ -106,13 +122,13 @@ def main(argv=None) -> int:
             table.append((label, runs))
     dense = next((runs for label, runs in table if label == "dense"), None)  # the row called "dense"
     dense_acc = statistics.mean(r["acc"] for r in dense) if dense else None
-    print("| run | seeds | test top-1 % | vs dense | sparsity % | non-zero params | Train F | Test F | time s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | seeds | test top-1 % | vs dense | sparsity % | switch epoch | non-zero params | Train F | Test F | time s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, runs in table:
         acc = [r["acc"] for r in runs]
         delta = "-" if dense_acc is None or runs is dense else f"{statistics.mean(acc) - dense_acc:+.2f}"
         print(f"| {label} | {len(runs)} | {_ms(acc, '{:.2f}')} | {delta} | {_ms([r['sparsity'] for r in runs], '{:.1f}')} "
-              f"| {_ms([r['nonzero'] for r in runs], '{:,.0f}')} | {_ms([r['train_f'] for r in runs], '{:.3f}')} "
+              f"| {_switch(runs)} | {_ms([r['nonzero'] for r in runs], '{:,.0f}')} | {_ms([r['train_f'] for r in runs], '{:.3f}')} "
               f"| {_ms([r['test_f'] for r in runs], '{:.3f}')} | {_ms([r['time_s'] for r in runs], '{:.0f}')} |")
     if args.json:
         for label, runs in table:

@@ -603,13 +603,18 @@ class Cuttlefish(Method):
 
         paths = []
         fig, ax = plt.subplots(figsize=(7, 4))
-        for n, h in self.controller.history.items():
-            ax.plot(range(len(h)), h, label=n, lw=1)
+        colors = plt.get_cmap("tab20").colors  # one colour per layer (the default cycle repeats after 10)
+        styles = ("-", "--", ":", "-.")
+        for i, (n, h) in enumerate(self.controller.history.items()):
+            ax.plot(range(len(h)), h, label=n, lw=1, color=colors[i % len(colors)],
+                    ls=styles[(i // len(colors)) % len(styles)])
         if self.switch_epoch is not None:
             ax.axvline(self.switch_epoch, color="k", ls="--", label="switch")
         ax.set_xlabel("full-rank epochs trained")
         ax.set_ylabel("stable rank")
         ax.legend(fontsize=5, ncol=2)
+        ax.set_title(f"switch after {self.switch_epoch} full-rank epochs" if self.switch_epoch is not None
+                     else "no switch (yet)", fontsize=8)
         p = os.path.join(run_dir, "cuttlefish_stable_ranks.png")
         fig.savefig(p, dpi=120, bbox_inches="tight")
         plt.close(fig)

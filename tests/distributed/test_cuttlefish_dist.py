@@ -9,8 +9,9 @@
   measured stable ranks (and so every decision) are rank 0's on both ranks.
 
 ZeRO-1/2/3 (and DDP, FSDP2) also go through the real trainer and ``launch/run.sh`` with 2 processes
-(marked slow, about 2-4 min per backend here): the switch happens at the end of epoch 0, training
-goes on, and a run resumed from the post-switch checkpoint continues in the factorized architecture::
+(marked slow, about 2-4 min per backend here): the switch happens at the end of epoch 0 with the same
+ranks and parameter count as the same run on one process (same global batch), training goes on, and a
+run resumed from the post-switch checkpoint continues in the factorized architecture::
 
     python -m pytest -q -m slow tests/distributed/test_cuttlefish_dist.py -p no:cacheprovider
 """
@@ -246,17 +247,49 @@ def test_perturbed_rank_follows_rank_zero(two_process):
 # ------------------------------------------------------------------------------------------------
 
 
+TRAINER_ARGS = ["--config", None, "method.name=cuttlefish", "method.window=1", "method.last_m=1",
+                "method.threshold=1000000", "method.eval_batches=1", "method.rank_metric=vanilla",
+                "data.train_subset=256", "data.val_subset=128", "data.batch_size=64", "run.epochs=3",
+                "logging.progress_bar=false", "run.channels_last=false", "checkpoint.every_epoch=true",
+                # the same global batch on 1 and 2 processes gives the same trajectory only without batch
+                # statistics (GroupNorm) and in fp32 ("auto" is bf16 on a CPU with AVX512-BF16)
+                "model.norm=gn", "model.extra.zero_init_residual=true", "run.deterministic=true",
+                "run.mixed_precision=no"]
+
+
+def _switch_facts(run_dir: str) -> dict:
+    """Switch epoch, chosen ranks and parameter count of a finished trainer run."""
+    from tests.conftest import read_metrics
+
+    rows = read_metrics(run_dir)
+    last = [r for r in rows if r["event"] == "epoch"][-1]["method"]
+    end = [r for r in rows if r["event"] == "end"][-1]
+    return {"switch_epoch": last["switch_epoch"], "params": end["params"],
+            "ranks": {k: v for k, v in last.items() if k.startswith("rank/")}}
+
+
+@pytest.fixture(scope="module")
+def one_process_switch(tmp_path_factory):
+    """The reference: the same run on one plain process (the same global batch of 64)."""
+    from tests.conftest import TINY, run_train
+
+    out = tmp_path_factory.mktemp("cf_one")
+    args = list(TRAINER_ARGS)
+    args[1] = TINY
+    run_train(args + ["run.num_processes=1", f"run.output_dir={out}", "run.name=one"])
+    return _switch_facts(str(out / "one"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3", "fsdp", "ddp"])
-def test_trainer_switch_under_backend(backend, tmp_path):
+def test_trainer_switch_under_backend(backend, tmp_path, one_process_switch):
     from tests.conftest import ROOT, TINY, child_env, read_metrics
     from tests.distributed.test_backends import _needs
 
     _needs(backend)
-    args = ["--config", TINY, "method.name=cuttlefish", "method.window=1", "method.last_m=1",
-            "method.threshold=1000000", "method.eval_batches=1", "data.train_subset=256", "data.val_subset=128",
-            "data.batch_size=64", "run.epochs=3", "logging.progress_bar=false", "run.channels_last=false",
-            "run.num_processes=2", f"run.output_dir={tmp_path}", "run.name=r", "checkpoint.every_epoch=true"]
+    args = list(TRAINER_ARGS)
+    args[1] = TINY
+    args += ["run.num_processes=2", f"run.output_dir={tmp_path}", "run.name=r"]
     run_sh = os.path.join(ROOT, "launch", "run.sh")
 
     def launch(extra):
@@ -272,6 +305,9 @@ def test_trainer_switch_under_backend(backend, tmp_path):
     assert end["params"] != start["params"]
     assert epochs[-1]["method"]["switch_epoch"] == 1
     assert all(math.isfinite(e["train_loss"]) for e in epochs)
+    # the same switch epoch, ranks (from the stable ranks of the trained weights) and size as one process
+    facts = _switch_facts(str(tmp_path / "r"))
+    assert len(facts["ranks"]) > 0 and facts == one_process_switch, (facts, one_process_switch)
     # resume from the last (post-switch) checkpoint into the factorized architecture, one more epoch
     launch(["run.epochs=4", "checkpoint.resume=auto"])
     rows = read_metrics(str(tmp_path / "r"))

@@ -462,3 +462,20 @@ def test_profiling_in_the_method_keeps_a_prefix_dense():
     fresh = create_method(cfg)
     fresh.load_state_dict(method.state_dict())
     assert fresh.dense_stack_layers == method.dense_stack_layers
+
+
+def test_plots_after_a_switch(tmp_path):
+    # the stable-rank plot (one colour per layer beyond the 10 of the default cycle) and the rank bars
+    pytest.importorskip("matplotlib")
+    from dist_sparse.methods.cuttlefish import Cuttlefish, CuttlefishConfig
+
+    m = Cuttlefish(CuttlefishConfig())
+    names = [f"l{i}" for i in range(12)]
+    m.candidates = names
+    m.full_ranks = {n: 32 for n in names}
+    for j in range(4):
+        m.controller.update({n: 20.0 - j + i for i, n in enumerate(names)})
+    m.ranks, m.switch_epoch = {n: 8 for n in names}, 3
+    paths = m.plot(str(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["cuttlefish_stable_ranks.png", "cuttlefish_ranks.png"]
+    assert all((tmp_path / p.rsplit("/", 1)[-1]).stat().st_size > 1000 for p in paths)

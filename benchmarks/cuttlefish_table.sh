@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accuracy table of docs/cuttlefish.md: full-rank ResNet-18 (quarter width, CIFAR stem) and Cuttlefish on
-# Fashion-MNIST, 12 epochs, 2 DDP processes, seeds 0 1 2 (configs/tiny_resnet18_dense.yaml and
+# Fashion-MNIST, 15 epochs, 2 DDP processes, seeds 0 1 2 (configs/tiny_resnet18_dense.yaml and
 # configs/tiny_resnet18_cuttlefish.yaml). Run directories: runs/cftab_<variant>_s<seed>; the record of each
 # finished run (metrics.jsonl, config.yaml, plots) is kept in benchmarks/results/cuttlefish_fmnist/, a run
 # recorded there is not run again, and the table is printed from the records at the end.

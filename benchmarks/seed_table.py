@@ -51,6 +51,8 @@ def read_run(path: str) -> dict:
         # physical pruning each step costs the pruned model's share. cuttlefish: full rank before the
         # switch, the low-rank model's share after it
         out["train_f"] = (rebuild_step + (end["steps"] - rebuild_step) * out["test_f"]) / max(1, end["steps"])
+    elif end.get("method") == "cuttlefish" and out["test_f"] is not None:
+        out["train_f"] = out["test_f"]  # never switched: full rank throughout
     sp = method.get("sparsity/global")
     if sp is None:  # masked methods: the sparsity over their sparse tensors
         sp = method.get("sparsity")
@@ -61,8 +63,6 @@ def read_run(path: str) -> dict:
         sp = 1.0 - end["params"] / start_params if start_params else None
     out["sparsity"] = None if sp is None else 100 * sp
     out["switch_epoch"] = method.get("switch_epoch")
-    if end.get("method") == "cuttlefish" and out["test_f"] is not None and rebuild_step is None:
-        out["train_f"] = out["test_f"]  # never switched: full rank throughout
     if out["train_f"] is None and os.path.isfile(os.path.join(path, "config.yaml")):
         out["train_f"] = _masked_train_f(os.path.join(path, "config.yaml"), end)
     return out

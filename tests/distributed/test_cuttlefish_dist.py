@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.conftest import free_port
+from tests.conftest import TINY, free_port
 
 pytestmark = pytest.mark.multiproc
 
@@ -247,7 +247,7 @@ def test_perturbed_rank_follows_rank_zero(two_process):
 # ------------------------------------------------------------------------------------------------
 
 
-TRAINER_ARGS = ["--config", None, "method.name=cuttlefish", "method.window=1", "method.last_m=1",
+TRAINER_ARGS = ["--config", TINY, "method.name=cuttlefish", "method.window=1", "method.last_m=1",
                 "method.threshold=1000000", "method.eval_batches=1", "method.rank_metric=vanilla",
                 "data.train_subset=256", "data.val_subset=128", "data.batch_size=64", "run.epochs=3",
                 "logging.progress_bar=false", "run.channels_last=false", "checkpoint.every_epoch=true",
@@ -271,25 +271,21 @@ def _switch_facts(run_dir: str) -> dict:
 @pytest.fixture(scope="module")
 def one_process_switch(tmp_path_factory):
     """The reference: the same run on one plain process (the same global batch of 64)."""
-    from tests.conftest import TINY, run_train
+    from tests.conftest import run_train
 
     out = tmp_path_factory.mktemp("cf_one")
-    args = list(TRAINER_ARGS)
-    args[1] = TINY
-    run_train(args + ["run.num_processes=1", f"run.output_dir={out}", "run.name=one"])
+    run_train(TRAINER_ARGS + ["run.num_processes=1", f"run.output_dir={out}", "run.name=one"])
     return _switch_facts(str(out / "one"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3", "fsdp", "ddp"])
 def test_trainer_switch_under_backend(backend, tmp_path, one_process_switch):
-    from tests.conftest import ROOT, TINY, child_env, read_metrics
+    from tests.conftest import ROOT, child_env, read_metrics
     from tests.distributed.test_backends import _needs
 
     _needs(backend)
-    args = list(TRAINER_ARGS)
-    args[1] = TINY
-    args += ["run.num_processes=2", f"run.output_dir={tmp_path}", "run.name=r"]
+    args = TRAINER_ARGS + ["run.num_processes=2", f"run.output_dir={tmp_path}", "run.name=r"]
     run_sh = os.path.join(ROOT, "launch", "run.sh")
 
     def launch(extra):

@@ -278,6 +278,12 @@ def reprepare(accelerator: Any, new_model: torch.nn.Module, new_optimizer: torch
             for p in new_model.parameters():
                 if not p.is_contiguous():
                     p.data = p.data.contiguous()
+        if str(accelerator.mixed_precision) in ("bf16", "fp16"):
+            # both hand BatchNorm its weight in bf16/fp16 beside fp32 running statistics, a mix torch's
+            # CPU kernel refuses in the first forward: the norms compute with fp32 weight and bias
+            from .models.norms import norm_affine_in_stats_dtype
+
+            norm_affine_in_stats_dtype(new_model)
     objs = [new_model, new_optimizer] + ([new_scheduler] if new_scheduler is not None else [])
     out = accelerator.prepare(*objs)
     return tuple(out)

@@ -1,8 +1,9 @@
 """Mixed precision on every backend: {no, bf16, fp16} x {single, ddp, fsdp, zero1, zero2, zero3} x
-{resnet20, deit_micro, transformer_tiny}, 10 optimizer steps each through launch/run.sh. Every cell
-trains with a finite loss that falls, or is refused at start-up with exactly one line (fp16 without
-CUDA). The full matrix is slow (54 launches); two cells run in the default set: the DeepSpeed bf16
-image model that used to crash in its first forward, and the fp16 refusal."""
+{resnet20 (GroupNorm), resnet20_bn (BatchNorm), deit_micro, transformer_tiny}, 10 optimizer steps each
+through launch/run.sh. Every cell trains with a finite loss that falls, or is refused at start-up with
+exactly one line (fp16 without CUDA). The full matrix is slow (72 launches); three cells run in the
+default set: the DeepSpeed bf16 image model that used to crash in its first forward, BatchNorm under
+FSDP2 bf16 (it used to crash there too), and the fp16 refusal."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,10 @@ MODELS = {
     "resnet20": ["--config", "configs/tiny_resnet20_dense.yaml", "model.norm=gn", "data.train_subset=320",
                  "data.val_subset=64", "data.batch_size=32", "optim.lr=0.02", "schedule.name=constant",
                  "schedule.warmup_epochs=0"],
+    # BatchNorm: FSDP2 and DeepSpeed hand its weight in bf16 beside fp32 running statistics
+    "resnet20_bn": ["--config", "configs/tiny_resnet20_dense.yaml", "model.norm=bn", "data.train_subset=320",
+                    "data.val_subset=64", "data.batch_size=32", "optim.lr=0.02", "schedule.name=constant",
+                    "schedule.warmup_epochs=0"],
     "deit_micro": ["--config", "configs/tiny_deit_dense.yaml", "data.train_subset=320", "data.val_subset=64",
                    "data.batch_size=32", "schedule.name=constant", "optim.lr=0.002"],
     "transformer_tiny": ["--config", "configs/tiny_transformer_dense.yaml", "model.name=transformer_tiny",
@@ -65,7 +70,8 @@ def _check(precision: str, backend: str, model: str, tmp_path) -> None:
         assert ds["dtype"] == {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision], ds
 
 
-@pytest.mark.parametrize("precision,backend,model", [("bf16", "zero2", "resnet20"), ("fp16", "ddp", "resnet20")])
+@pytest.mark.parametrize("precision,backend,model", [("bf16", "zero2", "resnet20"), ("bf16", "fsdp", "resnet20_bn"),
+                                                          ("fp16", "ddp", "resnet20")])
 def test_precision_fast_cells(precision, backend, model, tmp_path):
     _check(precision, backend, model, tmp_path)
 
